@@ -1,0 +1,3 @@
+from fm.cli import main
+
+main()

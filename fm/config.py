@@ -1,0 +1,145 @@
+"""Settings: one frozen dataclass per params.yaml section, loaded with `load_params`.
+
+params.yaml is the single source of every setting. `--set section.key=value` overrides are
+applied on top (values parsed as YAML, so `--set curate.jaccard_threshold=0.7` is a float).
+Unknown sections or keys and out-of-range values raise ValueError naming the file and key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+def _positive(cfg, *names: str) -> None:
+    section = type(cfg).__name__.removesuffix("Config").lower()
+    for name in names:
+        value = getattr(cfg, name)
+        if value <= 0:
+            raise ValueError(f"{section}.{name} must be positive, got {value}")
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    max_text_bytes: int = 2_000_000  # a longer document is quarantined, not truncated
+    image_size: int = 64  # images are fit into image_size x image_size and padded to square
+    max_image_file_bytes: int = 10_000_000
+    max_image_pixels: int = 50_000_000  # decompression-bomb guard, checked before decoding
+    min_image_side: int = 8
+    detect_lang: bool = True  # detect `lang` where the record does not give it
+    code_extensions: dict = field(
+        default_factory=lambda: {
+            ".py": "python", ".c": "c", ".h": "c", ".cc": "cpp", ".cpp": "cpp", ".hpp": "cpp",
+            ".js": "javascript", ".ts": "typescript", ".java": "java", ".go": "go", ".rs": "rust",
+            ".rb": "ruby", ".sh": "shell", ".sql": "sql", ".html": "html", ".css": "css",
+            ".json": "json", ".toml": "toml", ".yaml": "yaml", ".yml": "yaml", ".md": "markdown",
+        }
+    )
+
+    def __post_init__(self):
+        _positive(self, "max_text_bytes", "image_size", "max_image_file_bytes", "max_image_pixels", "min_image_side")
+
+
+@dataclass(frozen=True)
+class ValidateConfig:
+    min_pass_rate: float = 0.9  # the stage fails when a modality's pass rate drops below this
+    allowed_langs: tuple = ("en", "zh")  # for text, captions and triples; code has its own languages
+    min_text_chars: int = 1
+    max_text_chars: int = 1_000_000
+    max_caption_chars: int = 1_000
+    max_triple_field_chars: int = 500
+    min_image_side: int = 8
+    max_image_side: int = 1024
+
+    def __post_init__(self):
+        if not 0.0 <= self.min_pass_rate <= 1.0:
+            raise ValueError(f"validate.min_pass_rate must be in [0, 1], got {self.min_pass_rate}")
+        object.__setattr__(self, "allowed_langs", tuple(self.allowed_langs))
+        _positive(self, "max_text_chars", "max_caption_chars", "max_triple_field_chars", "max_image_side")
+
+
+@dataclass(frozen=True)
+class CurateConfig:
+    near_dup: bool = True
+    num_perm: int = 128  # MinHash permutations
+    num_bands: int = 16  # LSH bands; rows per band = num_perm / num_bands
+    shingle_size: int = 5  # word n-grams (character n-grams for text without spaces, e.g. Chinese)
+    jaccard_threshold: float = 0.8  # a candidate pair is a near-duplicate at or above this
+    min_chars: int = 16  # quality filter: shorter text is removed (captions and triples exempt)
+    max_non_alnum_ratio: float = 0.5  # quality filter: share of characters that are neither letters, digits nor space
+    seed: int = 0
+
+    def __post_init__(self):
+        _positive(self, "num_perm", "num_bands", "shingle_size")
+        if self.num_perm % self.num_bands:
+            raise ValueError(f"curate.num_perm ({self.num_perm}) must be divisible by curate.num_bands ({self.num_bands})")
+        if not 0.0 < self.jaccard_threshold <= 1.0:
+            raise ValueError(f"curate.jaccard_threshold must be in (0, 1], got {self.jaccard_threshold}")
+
+
+@dataclass(frozen=True)
+class TokenizeConfig:
+    vocab_size: int = 8192
+    min_frequency: int = 2
+    max_train_bytes: int = 50_000_000  # cap on text fed to the BPE trainer
+
+    def __post_init__(self):
+        _positive(self, "vocab_size", "min_frequency", "max_train_bytes")
+
+
+@dataclass(frozen=True)
+class ShardConfig:
+    tokens_per_shard: int = 4_000_000  # a token shard holds at most this many tokens
+    docs_per_arrow_shard: int = 10_000  # rows per Arrow document / image shard
+    triples_per_document: int = 16  # facts about one subject per pretraining paragraph
+    seed: int = 0  # document order within each modality
+
+    def __post_init__(self):
+        _positive(self, "tokens_per_shard", "docs_per_arrow_shard", "triples_per_document")
+
+
+@dataclass(frozen=True)
+class Params:
+    ingest: IngestConfig = field(default_factory=IngestConfig)
+    validate: ValidateConfig = field(default_factory=ValidateConfig)
+    curate: CurateConfig = field(default_factory=CurateConfig)
+    tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
+    shard: ShardConfig = field(default_factory=ShardConfig)
+
+
+def parse_override(text: str) -> tuple[str, str, object]:
+    """'section.key=value' -> (section, key, parsed value)."""
+    if "=" not in text or "." not in text.split("=", 1)[0]:
+        raise ValueError(f"override {text!r} must look like section.key=value")
+    dotted, raw = text.split("=", 1)
+    section, key = dotted.split(".", 1)
+    return section, key, yaml.safe_load(raw)
+
+
+def load_params(path: str | Path = "params.yaml", overrides: list[str] | tuple = ()) -> Params:
+    """Read params.yaml (a missing file means all defaults) and apply overrides."""
+    path = Path(path)
+    data: dict = {}
+    if path.exists():
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
+    data = {k: dict(v or {}) for k, v in data.items()}
+    for text in overrides:
+        section, key, value = parse_override(text)
+        data.setdefault(section, {})[key] = value
+    known = {f.name: f for f in dataclasses.fields(Params)}
+    sections = {}
+    for name, values in data.items():
+        if name not in known:
+            raise ValueError(f"{path}: unknown section '{name}' (known: {', '.join(known)})")
+        cls = known[name].type if isinstance(known[name].type, type) else globals()[known[name].type]
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - fields)
+        if unknown:
+            raise ValueError(f"{path}: unknown key(s) in section '{name}': {', '.join(unknown)}")
+        sections[name] = cls(**values)
+    return Params(**sections)

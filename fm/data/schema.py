@@ -1,0 +1,85 @@
+"""Arrow schemas shared by the data stages: one per modality, plus the quarantine table.
+
+Every modality table starts with the same columns (id .. meta), so curate, shard and the
+statistics can treat all four alike; each modality then adds its own columns:
+
+    text        text = the document
+    code        text = the source file; lang = programming language ("python", "c", ...)
+    image_text  text = the caption; image = PNG bytes resized to ingest.image_size
+    triples     text = the linearized triple; subject, relation, object kept apart
+
+`id` is a content hash (see `content_id`), so the same record gets the same id on every run
+and exact duplicates share an id.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import pyarrow as pa
+
+MODALITIES = ("text", "code", "image_text", "triples")
+
+COMMON_FIELDS = [
+    pa.field("id", pa.string(), nullable=False),
+    pa.field("modality", pa.string(), nullable=False),
+    pa.field("source", pa.string()),  # a corpus name: jsonl "source" field, else the file's folder/stem
+    pa.field("source_file", pa.string(), nullable=False),  # path relative to the raw corpus folder
+    pa.field("position", pa.int64(), nullable=False),  # 1-based line for jsonl/tsv, 0 for a whole file
+    pa.field("lang", pa.string()),
+    pa.field("text", pa.string()),
+    pa.field("n_bytes", pa.int64()),  # UTF-8 bytes of `text`
+    pa.field("meta", pa.string()),  # JSON object with anything else the record carried
+]
+
+SCHEMAS: dict[str, pa.Schema] = {
+    "text": pa.schema(COMMON_FIELDS),
+    "code": pa.schema(COMMON_FIELDS),
+    "image_text": pa.schema(
+        COMMON_FIELDS
+        + [
+            pa.field("image", pa.binary()),  # PNG bytes after resize
+            pa.field("image_width", pa.int32()),
+            pa.field("image_height", pa.int32()),
+        ]
+    ),
+    "triples": pa.schema(
+        COMMON_FIELDS
+        + [
+            pa.field("subject", pa.string()),
+            pa.field("relation", pa.string()),
+            pa.field("object", pa.string()),
+        ]
+    ),
+}
+
+QUARANTINE_SCHEMA = pa.schema(
+    [
+        pa.field("modality", pa.string(), nullable=False),
+        pa.field("source_file", pa.string(), nullable=False),
+        pa.field("position", pa.int64(), nullable=False),
+        pa.field("stage", pa.string(), nullable=False),
+        pa.field("reason", pa.string(), nullable=False),
+        pa.field("id", pa.string()),  # null when the record never got that far
+        pa.field("duplicate_of", pa.string()),  # the id that was kept, for a duplicate
+    ]
+)
+
+
+def content_id(modality: str, *parts: str | bytes) -> str:
+    """A stable id: sha256 over the modality and the record's content, 32 hex chars."""
+    h = hashlib.sha256(modality.encode())
+    for part in parts:
+        h.update(b"\x00")
+        h.update(part.encode() if isinstance(part, str) else part)
+    return h.hexdigest()[:32]
+
+
+def empty_table(modality: str) -> pa.Table:
+    return SCHEMAS[modality].empty_table()
+
+
+def quarantine_table(rows: list[dict]) -> pa.Table:
+    """Rows -> quarantine table; missing optional keys become null."""
+    cols = {f.name: [r.get(f.name) for r in rows] for f in QUARANTINE_SCHEMA}
+    return pa.table(cols, schema=QUARANTINE_SCHEMA)
