@@ -79,7 +79,7 @@ def _stage_command(name: str, help_text: str):
         try:
             summary = run_stage(name, load_params(params, overrides or []), Paths(raw, workdir))
         except _user_errors() as e:
-            console.print(f"[red]error[/] ({name}): {e}")
+            console.print(f"[red]error[/] ({name}): {e}", soft_wrap=True)
             raise typer.Exit(1)
         print_summary(summary)
 
@@ -111,6 +111,7 @@ def run(
     overrides: SetOpt = None,
     stages: Annotated[Optional[list[str]], typer.Option("--stage", help="Run only these stages (repeatable).")] = None,
     from_stage: Annotated[Optional[str], typer.Option("--from", help="Run from this stage to the end.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Rerun stages that dvc.lock records as up to date.")] = False,
 ) -> None:
     """Run the pipeline as a Prefect flow (ephemeral local API: no server to start)."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -120,9 +121,9 @@ def run(
     try:
         load_params(params, overrides or [])  # fail on a bad setting before Prefect starts
         summaries = pipeline(raw=str(raw), workdir=str(workdir), params_file=str(params),
-                             overrides=list(overrides or []), stages=stages, from_stage=from_stage)
+                             overrides=list(overrides or []), stages=stages, from_stage=from_stage, force=force)
     except _user_errors() as e:
-        console.print(f"[red]error[/]: {e}")
+        console.print(f"[red]error[/]: {e}", soft_wrap=True)
         raise typer.Exit(1)
     for summary in summaries:
         print_summary(summary)

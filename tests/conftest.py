@@ -15,6 +15,7 @@ from PIL import Image
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")  # its shutdown message would hit a closed stdout
 # A project-local Prefect home, so tests never touch ~/.prefect.
 os.environ.setdefault("PREFECT_HOME", str(Path(__file__).resolve().parent.parent / ".prefect"))
 

@@ -1,0 +1,445 @@
+"""Curate: exact dedup, quality filters and MinHash near-duplicate removal, plus corpus statistics.
+
+    fm curate        # data/03_validated/*.parquet -> data/04_curated/*.parquet, quarantine, stats
+
+Per modality, in this order (a record is quarantined for the first rule it breaks):
+
+1. exact duplicates: the same `id` (a content hash) seen earlier in the file -> `exact_duplicate`.
+2. quality (text and code only; captions and triples are short by nature and exempt):
+   fewer than `min_chars` characters once stripped -> `too_short`; a share of characters that
+   are neither alphanumeric nor whitespace above `max_non_alnum_ratio` -> `symbol_ratio`.
+3. near duplicates (text and code only, within one modality): a document is removed when its
+   shingle set has Jaccard similarity >= `jaccard_threshold` with an *earlier kept* document.
+   Shingles are word n-grams of lowercased whitespace tokens, or character n-grams for text
+   written without spaces (Chinese, Japanese, Thai). MinHash (rensa) + LSH banding proposes
+   candidate pairs; each candidate is confirmed with the exact Jaccard of the two shingle sets
+   (the MinHash estimate only screens, with a wide margin): only documents that collided in
+   some band need their shingles, so it is cheap, and it removes the estimator's noise (about
+   +-0.035 at 128 permutations near 0.8), which leaves LSH misses as the only difference from
+   `exact_near_duplicates`, the exact reference that tests and bench/curate_bench.py use.
+
+Everything removed lands in the quarantine with the reason (and the kept id for a duplicate).
+Statistics per (modality, lang, source) go to 04_curated/stats.parquet and the DuckDB table
+`corpus_stats`.
+"""
+
+from __future__ import annotations
+
+import math
+import multiprocessing
+import os
+import re
+import time
+from collections.abc import Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from rensa import RMinHash
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from fm.config import CurateConfig
+from fm.data.quarantine import read_quarantine, write_quarantine
+from fm.data.schema import MODALITIES
+from fm.io import write_parquet
+from fm.paths import Paths
+
+FILTERED_MODALITIES = ("text", "code")  # quality filters and near-dup; captions and triples are exempt
+REASONS = ("exact_duplicate", "too_short", "symbol_ratio", "near_duplicate")
+
+_CHUNK_CHARS = 2_000_000  # characters per MinHash job: big enough for numpy to pay, small for memory
+# Above this many characters MinHash runs on all cores with a progress bar; below, starting
+# worker processes (about half a second) costs more than the second core saves.
+_LARGE_INPUT_CHARS = 20_000_000
+
+# ---------------------------------------------------------------------------------------------
+# Shingles: hashed n-grams, computed for many documents at once with numpy
+
+
+# Characters written without spaces between words: such a document is shingled by characters.
+_UNSPACED_RUNS = re.compile(r"[\u0e00-\u0e7f\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]+")
+# Every code point for which str.isspace() is true lies below U+3001, so a table covers them all.
+_IS_SPACE = np.array([chr(c).isspace() for c in range(0x3001)])
+_U64 = np.uint64
+_TOKEN_BASE = _U64(0x100000001B3)  # odd, so it has an inverse modulo 2**64
+_TOKEN_BASE_INVERSE = _U64(pow(0x100000001B3, -1, 2**64))
+
+
+def _position_multipliers(count: int) -> np.ndarray:
+    """Fixed odd 64-bit multipliers, one per position in an n-gram or LSH band, so order counts."""
+    return np.random.default_rng(20240607).integers(1, 2**63, size=count, dtype=np.uint64) | _U64(1)
+
+
+def is_unspaced(text: str) -> bool:
+    """True when most non-space characters belong to a script written without spaces (CJK, Thai)."""
+    if text.isascii():
+        return False
+    unspaced = sum(map(len, _UNSPACED_RUNS.findall(text)))
+    return unspaced > 0 and 2 * unspaced > len("".join(text.split()))
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finalizer: spreads every input bit over the 64 output bits (wrapping arithmetic)."""
+    x = x ^ (x >> _U64(30))
+    x *= _U64(0xBF58476D1CE4E5B9)
+    x ^= x >> _U64(27)
+    x *= _U64(0x94D049BB133111EB)
+    return x ^ (x >> _U64(31))
+
+
+def _token_hashes(chars: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """Hash of each token chars[s:e]: sum_j (c_j + 1) * B**(j - s) mod 2**64, then mixed.
+
+    One prefix sum serves every token, so the cost is a few passes over the characters with no
+    Python per token; the polynomial is position-free, so a word hashes alike wherever it occurs.
+    """
+    powers = np.full(chars.size, _TOKEN_BASE, dtype=np.uint64)
+    powers[0] = 1
+    np.cumprod(powers, out=powers)  # B**j, wrapping
+    weighted = chars.astype(np.uint64)
+    weighted += _U64(1)
+    weighted *= powers
+    prefix = np.zeros(chars.size + 1, dtype=np.uint64)
+    np.cumsum(weighted, out=prefix[1:])
+    powers.fill(_TOKEN_BASE_INVERSE)
+    powers[0] = 1
+    np.cumprod(powers, out=powers)  # B**-j: shifts each token's sum back to start at B**0
+    return _mix64((prefix[ends] - prefix[starts]) * powers[starts])
+
+
+def shingle_hashes(texts: Sequence[str], shingle_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """64-bit hashes of each document's shingles: document d owns hashes[offsets[d]:offsets[d+1]].
+
+    A token is a lowercased whitespace-separated word (str.split), or a single non-space character
+    in text written without spaces (`is_unspaced`); a shingle is `shingle_size` consecutive tokens.
+    A shorter document is one shingle, one without tokens has none. Hashes may repeat in a document.
+    """
+    n = len(texts)
+    lowered = [t.lower() for t in texts]
+    lengths = np.fromiter(map(len, lowered), dtype=np.int64, count=n)
+    # All documents as one array of code points, "\n"-separated so that no token spans two.
+    chars = np.frombuffer("\n".join(lowered).encode("utf-32-le", "surrogatepass"), dtype=np.uint32)  # (L,)
+    is_space = (chars <= 0x3000) & _IS_SPACE[np.minimum(chars, 0x3000)]
+    boundary_before, boundary_after = np.r_[True, is_space[:-1]], np.r_[is_space[1:], True]
+    unspaced = np.fromiter(map(is_unspaced, lowered), dtype=bool, count=n)
+    if unspaced.any():  # each character of an unspaced document is a token of its own
+        char_unspaced = np.repeat(unspaced, lengths + 1)[: chars.size]
+        boundary_before |= char_unspaced
+        boundary_after |= char_unspaced
+    token_starts = np.flatnonzero(~is_space & boundary_before)
+    token_ends = np.flatnonzero(~is_space & boundary_after) + 1
+    if token_starts.size == 0:
+        return np.zeros(0, np.uint64), np.zeros(n + 1, np.int64)
+    tokens = _token_hashes(chars, token_starts, token_ends)  # (T,)
+    doc_starts = np.r_[0, np.cumsum(lengths + 1)[:-1]]
+    doc_of_token = np.searchsorted(doc_starts, token_starts, side="right") - 1
+
+    # Shingle hash: position-weighted sum of its k token hashes (only tokens of the same document).
+    k = shingle_size
+    multipliers = _position_multipliers(k)
+    shingles = tokens * multipliers[0]
+    for t in range(1, min(k, tokens.size)):
+        same_doc = doc_of_token[t:] == doc_of_token[:-t]
+        shingles[:-t] += np.where(same_doc, tokens[t:] * multipliers[t], _U64(0))
+    complete = np.zeros(tokens.size, dtype=bool)  # the shingle starting here has all k tokens
+    if tokens.size >= k:
+        complete[: tokens.size - k + 1] = doc_of_token[k - 1 :] == doc_of_token[: tokens.size - k + 1]
+    tokens_per_doc = np.bincount(doc_of_token, minlength=n)
+    first_of_doc = np.r_[True, doc_of_token[1:] != doc_of_token[:-1]]
+    valid = complete | (first_of_doc & (tokens_per_doc[doc_of_token] < k))
+    offsets = np.r_[0, np.cumsum(np.bincount(doc_of_token[valid], minlength=n))]
+    return _mix64(shingles[valid]), offsets
+
+
+def shingle_sets(texts: Sequence[str], shingle_size: int) -> list[np.ndarray]:
+    """Each document's shingle set as a sorted array of unique hashes."""
+    hashes, offsets = shingle_hashes(texts, shingle_size)
+    return [np.unique(hashes[offsets[d] : offsets[d + 1]]) for d in range(len(texts))]
+
+
+def _jaccard(a: np.ndarray, b: np.ndarray) -> float:
+    """Exact Jaccard of two sorted unique hash arrays."""
+    shared = np.intersect1d(a, b, assume_unique=True).size
+    return shared / (a.size + b.size - shared)
+
+
+# ---------------------------------------------------------------------------------------------
+# Near-duplicates
+
+
+def _signatures(job: tuple[list[str], int, int, int]) -> np.ndarray:
+    """MinHash signatures (n, num_perm) uint32 of one chunk of documents; runs in a worker."""
+    texts, shingle_size, num_perm, seed = job
+    hashes, offsets = shingle_hashes(texts, shingle_size)
+    matrix = RMinHash.digest_matrix_from_flat_token_hashes(hashes, offsets.astype(np.uint64), num_perm, seed)
+    return np.array(matrix.to_rows(), dtype=np.uint32).reshape(len(texts), num_perm)
+
+
+def _band_keys(signatures: np.ndarray, num_bands: int) -> np.ndarray:
+    """One 64-bit key per LSH band: (n, num_perm) uint32 -> (n, num_bands) uint64."""
+    n, num_perm = signatures.shape
+    bands = signatures.reshape(n, num_bands, num_perm // num_bands).astype(np.uint64)  # (n, B, r)
+    weights = _position_multipliers(bands.shape[2])
+    return _mix64((bands * weights).sum(axis=2, dtype=np.uint64))  # wrapping sum, (n, B)
+
+
+def find_near_duplicates(
+    texts: Sequence[str], cfg: CurateConfig, processes: int | None = None
+) -> dict[int, tuple[int, float]]:
+    """{removed index: (kept index, Jaccard)}: documents with Jaccard >= cfg.jaccard_threshold to
+    an earlier kept document, found with MinHash LSH and confirmed exactly (module docstring).
+
+    Signatures are computed over chunks of documents, in `processes` worker processes (default:
+    all usable cores for a large input, else this process alone). The result depends only on
+    texts and cfg, never on the number of processes.
+    """
+    n = len(texts)
+    chunks, start, chars, total_chars = [], 0, 0, 0
+    for i, text in enumerate(texts):
+        chars += len(text)
+        if chars >= _CHUNK_CHARS or i == n - 1:
+            chunks.append((list(texts[start : i + 1]), cfg.shingle_size, cfg.num_perm, cfg.seed))
+            start, total_chars, chars = i + 1, total_chars + chars, 0
+    if not chunks:
+        return {}
+    large = total_chars >= _LARGE_INPUT_CHARS
+    processes = min(processes or (len(os.sched_getaffinity(0)) if large else 1), len(chunks))
+
+    parts = []
+    columns = (TextColumn("minhash"), BarColumn(), MofNCompleteColumn(), TextColumn("chunks"), TimeRemainingColumn())
+    with Progress(*columns, transient=True, disable=not large) as bar:
+        task = bar.add_task("minhash", total=len(chunks))
+        if processes > 1:
+            # forkserver, not fork: the caller may hold threads (Prefect, DuckDB) that a fork would
+            # copy mid-lock; with this module preloaded, a pool starts in well under a second.
+            context = multiprocessing.get_context("forkserver")
+            context.set_forkserver_preload([__name__])
+            with context.Pool(processes) as pool:
+                for part in pool.imap(_signatures, chunks):
+                    parts.append(part)
+                    bar.advance(task)
+        else:
+            for chunk in chunks:
+                parts.append(_signatures(chunk))
+                bar.advance(task)
+    signatures = np.concatenate(parts)  # (n, num_perm)
+
+    # Only documents that share a band with another one can be duplicates.
+    keys = _band_keys(signatures, cfg.num_bands)  # (n, B)
+    has_shingles = np.array([bool(t.strip()) for t in texts])
+    collides = np.zeros(n, dtype=bool)
+    for b in range(cfg.num_bands):
+        band = np.where(has_shingles, keys[:, b], np.arange(n, dtype=np.uint64))  # no shingles: a key of its own
+        _, inverse, counts = np.unique(band, return_inverse=True, return_counts=True)
+        collides |= (counts[inverse] > 1) & has_shingles
+    candidates = np.flatnonzero(collides)
+    if candidates.size == 0:
+        return {}
+    shingle_set = dict(zip(candidates.tolist(), shingle_sets([texts[i] for i in candidates], cfg.shingle_size)))
+
+    # In document order: compare with the kept documents that share a band; keep or remove.
+    kept_in_bucket: dict[tuple[int, int], list[int]] = {}
+    removed: dict[int, tuple[int, float]] = {}
+    for i, row in zip(candidates.tolist(), keys[candidates].tolist()):
+        buckets = list(enumerate(row))
+        earlier = np.fromiter(dict.fromkeys(j for bucket in buckets for j in kept_in_bucket.get(bucket, ())), np.int64)
+        # Screen with the MinHash estimate first, with a margin of 0.2 (over 4 standard deviations
+        # at 128 permutations), so a large family of similar-but-kept documents stays cheap.
+        estimates = (signatures[earlier] == signatures[i]).mean(axis=1)
+        best = None
+        for j in earlier[estimates >= cfg.jaccard_threshold - 0.2].tolist():
+            similarity = _jaccard(shingle_set[i], shingle_set[j])
+            if similarity >= cfg.jaccard_threshold and (best is None or similarity > best[1]):
+                best = (j, similarity)
+        if best is not None:
+            removed[i] = best
+        else:
+            for bucket in buckets:
+                kept_in_bucket.setdefault(bucket, []).append(i)
+    return removed
+
+
+def exact_near_duplicates(texts: Sequence[str], cfg: CurateConfig) -> dict[int, tuple[int, float]]:
+    """The truth `find_near_duplicates` approximates, on the same shingles and the same rule,
+    computed exactly: every pair that can reach the threshold is compared.
+
+    Prefix filtering (Chaudhuri et al. 2006) makes that affordable: with shingles ordered rarest
+    first, two sets with Jaccard >= t share a shingle among the first |s| - ceil(t |s|) + 1 of
+    each, so only documents sharing a prefix shingle are compared. For tests and the benchmark.
+    """
+    t = cfg.jaccard_threshold
+    sets = shingle_sets(texts, cfg.shingle_size)
+    if not any(s.size for s in sets):
+        return {}
+    unique, inverse, counts = np.unique(np.concatenate(sets), return_inverse=True, return_counts=True)
+    rank_of_unique = np.empty(unique.size, dtype=np.int64)
+    rank_of_unique[np.lexsort((unique, counts))] = np.arange(unique.size)  # rarest first
+    # Each document's shingles as ranks (a rank names one shingle), rarest first.
+    ranked = [np.sort(r) for r in np.split(rank_of_unique[inverse], np.cumsum([s.size for s in sets])[:-1])]
+
+    kept_with_prefix: dict[int, list[int]] = {}
+    removed: dict[int, tuple[int, float]] = {}
+    for i, shingles in enumerate(ranked):
+        if shingles.size == 0:
+            continue
+        prefix = shingles[: shingles.size - math.ceil(t * shingles.size - 1e-9) + 1].tolist()
+        best = None
+        for j in dict.fromkeys(j for s in prefix for j in kept_with_prefix.get(s, ())):
+            similarity = _jaccard(shingles, ranked[j])
+            if similarity >= t and (best is None or similarity > best[1]):
+                best = (j, similarity)
+        if best is not None:
+            removed[i] = best
+        else:
+            for s in prefix:
+                kept_with_prefix.setdefault(s, []).append(i)
+    return removed
+
+
+# ---------------------------------------------------------------------------------------------
+# Quality filters
+
+# Runs of letters, digits, "_" and whitespace; what is left after removing them is symbols.
+_WORD_OR_SPACE_RUNS = re.compile(r"[\w\s]+")
+
+
+def quality_reason(text: str, cfg: CurateConfig) -> str | None:
+    """Why `text` fails the quality filters ("too_short", "symbol_ratio 0.62 > 0.50"), or None."""
+    if len(text.strip()) < cfg.min_chars:  # surrounding whitespace is not content
+        return "too_short"
+    # "_" is matched by \w but is not alphanumeric, so it counts as a symbol.
+    symbols = len(_WORD_OR_SPACE_RUNS.sub("", text)) + text.count("_")
+    ratio = symbols / len(text)
+    if ratio > cfg.max_non_alnum_ratio:
+        return f"symbol_ratio {ratio:.2f} > {cfg.max_non_alnum_ratio:.2f}"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage
+
+
+def curate_table(table: pa.Table, modality: str, cfg: CurateConfig) -> dict[int, tuple[str, str | None]]:
+    """{row: (reason, duplicate_of id or None)} for every row of one modality's table to quarantine."""
+    ids = table["id"].to_pylist()
+    texts = table["text"].to_pylist()
+    removals: dict[int, tuple[str, str | None]] = {}
+
+    first_row_of_id: dict[str, int] = {}
+    for row, id_ in enumerate(ids):
+        if id_ in first_row_of_id:
+            removals[row] = ("exact_duplicate", id_)
+        else:
+            first_row_of_id[id_] = row
+
+    if modality in FILTERED_MODALITIES:
+        for row, text in enumerate(texts):
+            if row not in removals and (reason := quality_reason(text or "", cfg)):
+                removals[row] = (reason, None)
+        if cfg.near_dup:
+            survivors = [row for row in range(len(texts)) if row not in removals]
+            found = find_near_duplicates([texts[row] for row in survivors], cfg)
+            for index, (kept_index, similarity) in found.items():
+                removals[survivors[index]] = (f"near_duplicate jaccard {similarity:.2f}", ids[survivors[kept_index]])
+    return dict(sorted(removals.items()))
+
+
+def _reason_kind(reason: str) -> str:
+    return reason.split(" ", 1)[0]  # "symbol_ratio 0.62 > 0.50" -> "symbol_ratio"
+
+
+STATS_SCHEMA = pa.schema(
+    [
+        pa.field("modality", pa.string()),
+        pa.field("lang", pa.string()),
+        pa.field("source", pa.string()),
+        pa.field("docs_in", pa.int64()),  # records that reached curate
+        pa.field("docs", pa.int64()),  # records kept
+        pa.field("words", pa.int64()),  # kept; whitespace tokens, characters for unspaced text
+        pa.field("bytes", pa.int64()),  # kept; UTF-8 bytes of `text`
+        pa.field("docs_removed", pa.int64()),  # quarantined by curate, any reason
+        pa.field("duplicates_removed", pa.int64()),  # exact + near duplicates
+        pa.field("dedup_rate", pa.float64()),  # duplicates_removed / docs_in
+    ]
+)
+
+
+def corpus_stats(table: pa.Table, modality: str, removals: dict[int, tuple[str, str | None]]) -> list[dict]:
+    """Statistics rows per (lang, source) of one modality's curate input."""
+    langs, sources = table["lang"].to_pylist(), table["source"].to_pylist()
+    texts, n_bytes = table["text"].to_pylist(), table["n_bytes"].to_pylist()
+    groups: dict[tuple, dict] = {}
+    for row in range(len(table)):
+        g = groups.setdefault((langs[row], sources[row]), dict.fromkeys(STATS_SCHEMA.names[3:-1], 0))
+        g["docs_in"] += 1
+        if row in removals:
+            g["docs_removed"] += 1
+            g["duplicates_removed"] += _reason_kind(removals[row][0]) in ("exact_duplicate", "near_duplicate")
+            continue
+        text = texts[row] or ""
+        g["docs"] += 1
+        # Tokens proper come after the tokenizer stage; here a word is a whitespace token, or a
+        # character in text written without spaces (Chinese), which does not mark its words.
+        g["words"] += len("".join(text.split())) if is_unspaced(text) else len(text.split())
+        g["bytes"] += n_bytes[row] if n_bytes[row] is not None else len(text.encode())
+    rows = []
+    for (lang, source), g in sorted(groups.items(), key=lambda kv: (kv[0][0] or "", kv[0][1] or "")):
+        dedup_rate = g["duplicates_removed"] / g["docs_in"]
+        rows.append({"modality": modality, "lang": lang, "source": source, **g, "dedup_rate": dedup_rate})
+    return rows
+
+
+def write_duckdb_stats(stats: pa.Table, path) -> None:
+    """Replace the rows of DuckDB table `corpus_stats` (this stage owns it) with this run's."""
+    import duckdb
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    con = duckdb.connect(str(path))
+    try:
+        con.register("curate_stats", stats)
+        con.execute("BEGIN TRANSACTION")
+        con.execute("CREATE OR REPLACE TABLE corpus_stats AS SELECT * FROM curate_stats")
+        con.execute("COMMIT")
+    finally:
+        con.close()
+
+
+def curate(cfg: CurateConfig, paths: Paths) -> dict:
+    """Dedup and filter 03_validated into 04_curated; write the quarantine and corpus statistics."""
+    started = time.perf_counter()
+    inputs = {m: paths.validated / f"{m}.parquet" for m in MODALITIES}
+    present = {m: p for m, p in inputs.items() if p.exists()}
+    if not present:
+        names = ", ".join(f"{m}.parquet" for m in MODALITIES)
+        raise FileNotFoundError(f"no validated data in {paths.validated} (none of {names}): run `fm validate` first")
+    previous = read_quarantine(paths.validated / "quarantine.parquet")
+
+    counts, stats, quarantine, outputs = {}, [], [], []
+    for modality in MODALITIES:
+        out = paths.curated / f"{modality}.parquet"
+        if modality not in present:
+            out.unlink(missing_ok=True)  # the curated layer mirrors the validated one
+            continue
+        table = pq.read_table(present[modality])
+        removals = curate_table(table, modality, cfg)
+        kept = [row for row in range(len(table)) if row not in removals]
+        write_parquet(table.take(pa.array(kept, type=pa.int64())), out)
+        outputs.append(str(out))
+        kinds = [_reason_kind(reason) for reason, _ in removals.values()]
+        counts[modality] = {"in": len(table), "kept": len(kept), "quarantined": len(removals),
+                            **{kind: kinds.count(kind) for kind in REASONS}}  # fmt: skip
+        stats += corpus_stats(table, modality, removals)
+        source_files, positions, ids = (table[c].to_pylist() for c in ("source_file", "position", "id"))
+        quarantine += [
+            {"modality": modality, "source_file": source_files[row], "position": positions[row], "stage": "curate",
+             "reason": reason, "id": ids[row], "duplicate_of": duplicate_of}
+            for row, (reason, duplicate_of) in removals.items()
+        ]  # fmt: skip
+
+    stats_table = pa.Table.from_pylist(stats, schema=STATS_SCHEMA)
+    write_parquet(stats_table, paths.curated / "stats.parquet")
+    write_quarantine(previous, quarantine, paths.quarantine)
+    write_duckdb_stats(stats_table, paths.duckdb)
+    outputs += [str(paths.curated / "stats.parquet"), str(paths.quarantine), str(paths.duckdb)]
+    return {"stage": "curate", "counts": counts, "stats": stats, "outputs": outputs,
+            "seconds": round(time.perf_counter() - started, 3)}  # fmt: skip
