@@ -13,9 +13,9 @@ from __future__ import annotations
 from prefect import flow
 
 from fm.stages import select_stages
-from tasks.stages import curate, ingest, shard, tokenize, validate
+from tasks.stages import curate, ingest, pretrain, shard, tokenize, validate
 
-PIPELINE = (ingest, validate, curate, tokenize, shard)
+PIPELINE = (ingest, validate, curate, tokenize, shard, pretrain)
 
 
 @flow(name="fm-pipeline", log_prints=True)

@@ -102,12 +102,58 @@ class ShardConfig:
 
 
 @dataclass(frozen=True)
+class PretrainConfig:
+    preset: str = "small"  # a fm.models.decoder.PRESETS name; `model` overrides its fields
+    # overrides of the preset's fields, e.g. {n_layer: 4, moe_layers: every_2}; vocab_size comes from the tokenizer
+    model: dict = field(default_factory=lambda: {"n_layer": 4, "d_model": 256, "n_head": 4})
+    seq_len: int = 256
+    batch_size: int = 16  # sequences per process per micro-batch
+    grad_accum: int = 1
+    max_steps: int = 300
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 30
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    dtype: str = "auto"  # auto: bf16 on a GPU that has it, else fp32 (bf16 on this CPU runs at half fp32 speed)
+    # sampling weight per modality; empty: equal weights
+    mix: dict = field(default_factory=lambda: {"text": 0.45, "code": 0.3, "triples": 0.2, "image_text": 0.05})
+    val_fraction: float = 0.02  # share of each modality's windows held out for validation
+    eval_every: int = 50
+    eval_batches: int = 8
+    ckpt_every: int = 100
+    keep_checkpoints: int = 2
+    seed: int = 0
+    nproc: int = 1  # > 1: the stage launches torchrun --nproc_per_node nproc
+    parallel: str = "ddp"  # ddp | fsdp (FSDP2 fully_shard)
+    cpu_offload: bool = False  # FSDP2: parameters, gradients and optimizer state live on the CPU
+    activation_checkpointing: bool = False
+    compile: bool = False
+    threads: int = 0  # torch CPU threads per process; 0: torch's default
+    peak_tflops: float = 0.0  # MFU denominator per device; 0: measure the matmul peak at start
+
+    def __post_init__(self):
+        _positive(self, "seq_len", "batch_size", "grad_accum", "max_steps", "lr", "eval_batches", "keep_checkpoints", "nproc")
+        if self.dtype not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"pretrain.dtype must be auto, fp32 or bf16, got {self.dtype!r}")
+        if self.parallel not in ("ddp", "fsdp"):
+            raise ValueError(f"pretrain.parallel must be ddp or fsdp, got {self.parallel!r}")
+        if self.warmup_steps < 0 or self.warmup_steps >= self.max_steps:
+            raise ValueError(f"pretrain.warmup_steps must be in [0, max_steps={self.max_steps}), got {self.warmup_steps}")
+        if any(w < 0 for w in self.mix.values()):
+            raise ValueError(f"pretrain.mix weights must be >= 0, got {self.mix}")
+
+
+@dataclass(frozen=True)
 class Params:
     ingest: IngestConfig = field(default_factory=IngestConfig)
     validate: ValidateConfig = field(default_factory=ValidateConfig)
     curate: CurateConfig = field(default_factory=CurateConfig)
     tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
     shard: ShardConfig = field(default_factory=ShardConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
 
 
 def parse_override(text: str) -> tuple[str, str, object]:

@@ -35,6 +35,15 @@ class Paths:
         return self.workdir / "05_tokens"
 
     @property
+    def models(self) -> Path:
+        return self.workdir / "06_models"
+
+    @property
+    def checkpoints(self) -> Path:
+        """Training state for resume (DCP folders); kept across reruns, not a stage's product."""
+        return self.workdir / "06_models" / "checkpoints"
+
+    @property
     def quarantine(self) -> Path:
         """The one quarantine table of the run (written by curate, the last stage that drops records)."""
         return self.workdir / "quarantine.parquet"

@@ -18,6 +18,7 @@ from fm.data.shards import write_shards
 from fm.data.tokenizer import train_tokenizer
 from fm.data.validate import validate
 from fm.paths import Paths
+from fm.recipes.pretrain import pretrain
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,7 @@ STAGES: dict[str, Stage] = {
         Stage("curate", curate, "Exact and MinHash near-duplicate removal, quality filters, corpus statistics."),
         Stage("tokenize", train_tokenizer, "Train the byte-level BPE tokenizer on the curated corpus."),
         Stage("shard", write_shards, "Write token shards, Arrow document shards and the manifest."),
+        Stage("pretrain", pretrain, "Pretrain the decoder LM on the token shards (torchrun when pretrain.nproc > 1)."),
     )
 }
 

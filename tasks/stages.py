@@ -60,3 +60,9 @@ def tokenize(raw: str, workdir: str, params_file: str, overrides: list[str], for
 def shard(raw: str, workdir: str, params_file: str, overrides: list[str], force: bool = False) -> dict:
     """Write token and document shards."""
     return _run("shard", raw, workdir, params_file, overrides, force)
+
+
+@task(name="pretrain")
+def pretrain(raw: str, workdir: str, params_file: str, overrides: list[str], force: bool = False) -> dict:
+    """Pretrain the decoder LM (resumes from its last checkpoint after a crash)."""
+    return _run("pretrain", raw, workdir, params_file, overrides, force)

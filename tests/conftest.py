@@ -10,6 +10,8 @@ import zlib
 from pathlib import Path
 
 import pytest
+
+from fm.paths import Paths
 from PIL import Image
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -116,3 +118,44 @@ def bad_corpus(tmp_path: Path) -> tuple[Path, dict[str, int]]:
     root = tmp_path / "corpus" / "raw"
     expected = make_bad_corpus(root, outside)
     return root, expected
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def build_sample_shards(workdir: Path, docs_per_source: int = 150, vocab_size: int = 512) -> Paths:
+    """Real token shards from a slice of the bundled sample (fortunes, Tang poems, stdlib code),
+    through the real tokenize and shard stages: what the training tests read."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from fm.config import ShardConfig, TokenizeConfig
+    from fm.data.schema import SCHEMAS, content_id
+    from fm.data.shards import write_shards
+    from fm.data.tokenizer import train_tokenizer
+
+    raw = REPO / "data" / "01_raw"
+    paths = Paths(raw, workdir)
+    paths.curated.mkdir(parents=True, exist_ok=True)
+    text_rows = []
+    for name, lang in (("fortunes.jsonl", "en"), ("tang-poems.jsonl", "zh")):
+        lines = (raw / "text" / name).read_text(encoding="utf-8").splitlines()[:docs_per_source]
+        for i, line in enumerate(lines):
+            t = json.loads(line)["text"]
+            text_rows.append({"id": content_id("text", t), "modality": "text", "source": name.split(".")[0], "source_file": f"text/{name}",
+                              "position": i + 1, "lang": lang, "text": t, "n_bytes": len(t.encode()), "meta": None})
+    code_rows = []
+    for i, path in enumerate(sorted((raw / "code" / "cpython").rglob("*.py"))[:12]):
+        t = path.read_text(encoding="utf-8")
+        code_rows.append({"id": content_id("code", t), "modality": "code", "source": "cpython", "source_file": str(path.relative_to(raw)),
+                          "position": 0, "lang": "python", "text": t, "n_bytes": len(t.encode()), "meta": None})
+    pq.write_table(pa.Table.from_pylist(text_rows, schema=SCHEMAS["text"]), paths.curated / "text.parquet")
+    pq.write_table(pa.Table.from_pylist(code_rows, schema=SCHEMAS["code"]), paths.curated / "code.parquet")
+    train_tokenizer(TokenizeConfig(vocab_size=vocab_size, min_frequency=2), paths)
+    write_shards(ShardConfig(tokens_per_shard=40_000), paths)
+    return paths
+
+
+@pytest.fixture(scope="session")
+def sample_shards(tmp_path_factory) -> Paths:
+    return build_sample_shards(tmp_path_factory.mktemp("shards"))

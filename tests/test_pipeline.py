@@ -28,7 +28,7 @@ def test_stage_names_agree_everywhere():
     from flows.pipeline import PIPELINE
 
     names = list(STAGES)
-    assert names == ["ingest", "validate", "curate", "tokenize", "shard"]
+    assert names == ["ingest", "validate", "curate", "tokenize", "shard", "pretrain"]
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     assert list(params) == names
     assert [f for f in Params.__dataclass_fields__] == names
@@ -60,10 +60,10 @@ def test_overrides_and_bad_values():
 
 
 def test_select_stages():
-    assert select_stages(from_stage="curate") == ["curate", "tokenize", "shard"]
+    assert select_stages(from_stage="curate") == ["curate", "tokenize", "shard", "pretrain"]
     assert select_stages(["shard", "ingest"]) == ["ingest", "shard"]
-    with pytest.raises(ValueError, match="unknown stage 'pretrain'"):
-        select_stages(["pretrain"])
+    with pytest.raises(ValueError, match="unknown stage 'pretrian'"):
+        select_stages(["pretrian"])
 
 
 def test_cli_errors_are_one_line(tmp_path):
@@ -107,6 +107,9 @@ def test_prefect_flow_runs_the_pipeline_and_dvc_agrees(tmp_path, monkeypatch):
     params["tokenize"]["vocab_size"] = 300
     params["tokenize"]["min_frequency"] = 1
     params["validate"]["min_pass_rate"] = 0.5
+    params["pretrain"].update(preset="tiny", model={"n_layer": 1, "d_model": 32, "n_head": 2}, seq_len=16,
+                              batch_size=2, max_steps=4, warmup_steps=1, eval_every=2, eval_batches=1,
+                              ckpt_every=2, peak_tflops=1.0, threads=1)
     Path("params.yaml").write_text(yaml.safe_dump(params))
 
     result = runner.invoke(app, ["run"])
@@ -116,6 +119,7 @@ def test_prefect_flow_runs_the_pipeline_and_dvc_agrees(tmp_path, monkeypatch):
     assert (proj / "data" / "05_tokens" / "tokenizer.json").is_file()
     manifest = json.loads((proj / "data" / "05_tokens" / "shards" / "manifest.json").read_text())
     assert manifest["shards"]
+    assert (proj / "data" / "06_models" / "pretrain" / "model.safetensors").is_file()
 
     from fm.dvcstate import stage_is_current
 
@@ -123,3 +127,8 @@ def test_prefect_flow_runs_the_pipeline_and_dvc_agrees(tmp_path, monkeypatch):
         assert stage_is_current(name), name
     status = subprocess.run([sys.executable, "-m", "dvc", "status"], capture_output=True, text=True, check=True)
     assert "up to date" in status.stdout, status.stdout
+
+    # ...and a second `fm run` skips every stage, because DVC records them all as current
+    result = runner.invoke(app, ["run"])
+    assert result.exit_code == 0, result.output
+    assert result.output.count("up to date in dvc.lock") == len(STAGES), result.output

@@ -1,0 +1,159 @@
+"""The pretraining data loader: fixed-length windows from the token shards, mixed by weight.
+
+    loader = TokenLoader(shard_dir, seq_len=256, batch_size=8, weights={"text": 0.6, "code": 0.4})
+    x, y, domains = loader.next_batch()        # (B, T) inputs, (B, T) targets, (B,) modality ids
+    state = loader.state_dict(); loader.load_state_dict(state)
+
+How samples are drawn. Each modality's token shards form one flat stream, cut into
+non-overlapping windows of seq_len + 1 tokens; the last `val_fraction` of the windows is held
+out for validation. The loader walks one *global* sample sequence, the same for any number of
+processes: sample i takes its modality from a counter-based draw (seed, i) with the mixing
+weights, and the k-th sample of modality m is window perm(seed, m, epoch)[k % n_windows] with
+epoch = k // n_windows, so each modality reshuffles at its own epoch boundary. Process r of
+world w keeps the samples i with i % w == r.
+
+The state is only global counters (the sample cursor and how many windows each modality
+has used), so a run resumes exactly mid-epoch or at an epoch boundary, and a checkpoint from
+4 processes resumes on 2 (or 1) as long as the global batch stays the same.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fm.data.shards import load_manifest, read_token_shard
+
+_DRAW_BLOCK = 4096  # modality draws are made in blocks of this many samples
+
+
+class TokenLoader:
+    def __init__(
+        self,
+        shard_dir: str | Path,
+        seq_len: int,
+        batch_size: int,
+        weights: dict[str, float] | None = None,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        split: str = "train",
+        val_fraction: float = 0.02,
+    ):
+        if split not in ("train", "val"):
+            raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world size {world_size}")
+        self.shard_dir = Path(shard_dir)
+        manifest = load_manifest(self.shard_dir)
+        self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self.modality_codes = manifest["codes"]["modality"]
+        window = seq_len + 1
+
+        streams: dict[str, list[np.memmap]] = {}
+        for entry in manifest["shards"]:
+            if entry["kind"] == "tokens":
+                streams.setdefault(entry["modality"], []).append(read_token_shard(self.shard_dir / entry["path"], manifest["dtype"]))
+        weights = dict(weights) if weights else {m: 1.0 for m in streams}
+        unknown = sorted(set(weights) - set(streams))
+        if unknown:
+            raise ValueError(f"mixing weights name modalities without token shards in {self.shard_dir}: {', '.join(unknown)}")
+
+        self.modalities: list[str] = []
+        self._shards: dict[str, list[np.memmap]] = {}
+        self._offsets: dict[str, np.ndarray] = {}  # cumulative token offsets of a modality's shards
+        self._windows: dict[str, tuple[int, int]] = {}  # [first, end) window ids of this split
+        for m in sorted(weights, key=self.modality_codes.index):
+            if weights[m] <= 0:
+                continue
+            tokens = sum(len(s) for s in streams[m])
+            n = tokens // window
+            n_val = int(round(n * val_fraction)) if n > 1 else 0
+            first, end = (0, n - n_val) if split == "train" else (n - n_val, n)
+            if end - first <= 0:
+                continue  # too little of this modality for a window in this split
+            self.modalities.append(m)
+            self._shards[m] = streams[m]
+            self._offsets[m] = np.cumsum([0] + [len(s) for s in streams[m]])
+            self._windows[m] = (first, end)
+        if not self.modalities:
+            raise ValueError(f"no modality in {self.shard_dir} has a full window of {window} tokens for split {split!r}")
+        w = np.array([weights[m] for m in self.modalities], dtype=np.float64)
+        self._cum_weights = np.cumsum(w / w.sum())
+        self.sample_cursor = 0
+        self.used = {m: 0 for m in self.modalities}
+        self._draw_cache: tuple[int, np.ndarray] | None = None
+        self._perm_cache: dict[tuple[str, int], np.ndarray] = {}
+
+    # ------------------------------------------------------------------ sampling
+
+    def _modality_of(self, i: int) -> int:
+        block = i // _DRAW_BLOCK
+        if self._draw_cache is None or self._draw_cache[0] != block:
+            u = np.random.default_rng([self.seed, 1, block]).random(_DRAW_BLOCK)
+            self._draw_cache = (block, np.searchsorted(self._cum_weights, u, side="right").clip(max=len(self.modalities) - 1))
+        return int(self._draw_cache[1][i % _DRAW_BLOCK])
+
+    def _window_id(self, m: str, k: int) -> int:
+        first, end = self._windows[m]
+        n = end - first
+        epoch, pos = divmod(k, n)
+        key = (m, epoch)
+        if key not in self._perm_cache:
+            self._perm_cache = {key: np.random.default_rng([self.seed, 2, self.modality_codes.index(m), epoch]).permutation(n)}
+        return first + int(self._perm_cache[key][pos])
+
+    def _read(self, m: str, window_id: int) -> np.ndarray:
+        """Tokens [window_id * (T+1), +T+1) of modality m's stream, across shard boundaries."""
+        length = self.seq_len + 1
+        start = window_id * length
+        out = np.empty(length, dtype=np.int64)
+        offsets, shards, filled = self._offsets[m], self._shards[m], 0
+        s = int(np.searchsorted(offsets, start, side="right")) - 1
+        while filled < length:
+            lo = start + filled - offsets[s]
+            take = min(length - filled, len(shards[s]) - lo)
+            out[filled:filled + take] = shards[s][lo:lo + take]
+            filled += take
+            s += 1
+        return out
+
+    def epoch(self, modality: str) -> int:
+        """How many full passes over `modality`'s windows this split has made."""
+        first, end = self._windows[modality]
+        return self.used[modality] // (end - first)
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The next (x, y, domains) of this process: (B, T) int64, (B, T) int64, (B,) modality ids."""
+        rows, domains = [], []
+        global_batch = self.batch_size * self.world_size
+        for j in range(global_batch):
+            i = self.sample_cursor + j
+            mi = self._modality_of(i)
+            m = self.modalities[mi]
+            k = self.used[m]
+            self.used[m] += 1  # every process counts every global sample, so counters stay global
+            if i % self.world_size == self.rank:
+                rows.append(self._read(m, self._window_id(m, k)))
+                domains.append(self.modality_codes.index(m))
+        self.sample_cursor += global_batch
+        batch = torch.from_numpy(np.stack(rows))  # (B, T+1)
+        return batch[:, :-1].contiguous(), batch[:, 1:].contiguous(), torch.tensor(domains, dtype=torch.int64)
+
+    # ------------------------------------------------------------------ state
+
+    def state_dict(self) -> dict:
+        return {"sample_cursor": self.sample_cursor, "used": dict(self.used), "seed": self.seed,
+                "modalities": list(self.modalities), "seq_len": self.seq_len}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["seed"] != self.seed or state["seq_len"] != self.seq_len or list(state["modalities"]) != self.modalities:
+            raise ValueError(
+                "loader state does not match this loader (seed, seq_len or modalities differ): "
+                f"saved {state['seed']}/{state['seq_len']}/{state['modalities']}, now {self.seed}/{self.seq_len}/{self.modalities}"
+            )
+        self.sample_cursor = int(state["sample_cursor"])
+        self.used = {m: int(v) for m, v in state["used"].items()}

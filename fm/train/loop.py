@@ -1,0 +1,145 @@
+"""The training loop: one visible function, `train`, that recipes call with the pieces they built.
+
+Each step: set the learning rate from the schedule, run `grad_accum` micro-batches
+(forward under autocast where enabled, backward; DDP syncs only on the last one), clip the
+gradient norm, step AdamW, log loss / lr / tokens per second / MFU (and MoE expert load),
+now and then evaluate on held-out windows and write a checkpoint. No callbacks, no trainer
+class: what happens in a step is what is written here.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from fm.train.optim import lr_at
+from fm.train.parallel import Dist, all_reduce_mean
+
+
+def measure_matmul_peak(device: torch.device, dtype: torch.dtype = torch.float32, seconds: float = 0.5) -> float:
+    """Achievable matmul FLOP/s on this device and dtype: the denominator of MFU when no spec peak is given."""
+    n = 4096 if device.type == "cuda" else 1024
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(3):
+        a @ b
+    sync()
+    best, start = 0.0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        t = time.perf_counter()
+        for _ in range(4):
+            a @ b
+        sync()
+        best = max(best, 4 * 2 * n**3 / (time.perf_counter() - t))
+    return best
+
+
+def autocast_context(device: torch.device, dtype: str):
+    """bf16 autocast when asked for; fp32 needs no context."""
+    if dtype == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, batches: int, device: torch.device, dtype: str) -> float:
+    """Mean loss over the same `batches` held-out batches every time (the loader is rewound)."""
+    state = loader.state_dict()
+    model.eval()
+    total = torch.zeros((), device=device)
+    for _ in range(batches):
+        x, y, domains = (t.to(device) for t in loader.next_batch())
+        with autocast_context(device, dtype):
+            _, loss, aux = model(x, y, domains=domains)
+        total += aux.get("ce_loss", loss).float()
+    model.train()
+    loader.load_state_dict(state)
+    return all_reduce_mean(total / batches).item()
+
+
+def train(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loader,
+    cfg,
+    d: Dist,
+    *,
+    val_loader=None,
+    start_step: int = 0,
+    checkpoint_fn: Callable[[int], None] | None = None,
+    metrics_path: Path | None = None,
+    flops_per_token: int = 0,
+    peak_flops: float = 0.0,
+    progress=None,
+) -> list[dict]:
+    """Train from start_step to cfg.max_steps; return one metrics record per step.
+
+    cfg needs: max_steps, lr, warmup_steps, min_lr_ratio, grad_accum, grad_clip, batch_size,
+    seq_len, dtype, eval_every, eval_batches, ckpt_every, log_every.
+    """
+    is_ddp = isinstance(model, nn.parallel.DistributedDataParallel)
+    tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * d.world_size
+    history: list[dict] = []
+    metrics = open(metrics_path, "a") if (metrics_path and d.is_main) else None
+    task = progress.add_task("pretrain", total=cfg.max_steps, completed=start_step) if progress else None
+    model.train()
+    try:
+        for step in range(start_step, cfg.max_steps):
+            start = time.perf_counter()
+            lr = lr_at(step, cfg.lr, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+
+            loss_sum = torch.zeros((), device=d.device)
+            aux_last = {}
+            for micro in range(cfg.grad_accum):
+                x, y, domains = (t.to(d.device, non_blocking=True) for t in loader.next_batch())  # (B, T), (B, T), (B,)
+                last = micro == cfg.grad_accum - 1
+                # DDP all-reduces gradients on every backward unless told not to: only the last micro-batch syncs.
+                sync = nullcontext() if (last or not is_ddp) else model.no_sync()
+                with sync:
+                    with autocast_context(d.device, cfg.dtype):
+                        _, loss, aux_last = model(x, y, domains=domains)
+                    (loss / cfg.grad_accum).backward()
+                loss_sum += aux_last.get("ce_loss", loss).detach().float()
+
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
+                grad_norm = grad_norm.full_tensor()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+            loss_value = all_reduce_mean(loss_sum / cfg.grad_accum).item()
+            if not math.isfinite(loss_value):
+                raise FloatingPointError(f"loss is {loss_value} at step {step + 1}: lower train.lr or check the data")
+            seconds = time.perf_counter() - start
+            tokens_per_s = tokens_per_step / seconds
+            record = {"step": step + 1, "loss": loss_value, "lr": lr, "grad_norm": float(grad_norm),
+                      "tokens_per_s": round(tokens_per_s, 1), "step_s": round(seconds, 4)}
+            if peak_flops and flops_per_token:
+                record["mfu"] = round(flops_per_token * tokens_per_s / (peak_flops * d.world_size), 4)
+            if "expert_load" in aux_last:
+                record["expert_load"] = [[round(v, 4) for v in row] for row in aux_last["expert_load"].tolist()]
+            if val_loader is not None and cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.max_steps):
+                record["val_loss"] = evaluate(model, val_loader, cfg.eval_batches, d.device, cfg.dtype)
+            history.append(record)
+            if metrics:
+                metrics.write(json.dumps(record) + "\n")
+                metrics.flush()
+            if progress:
+                shown = f"loss {loss_value:.3f}" + (f" val {record['val_loss']:.3f}" if "val_loss" in record else "")
+                progress.update(task, advance=1, description=f"pretrain {shown} {tokens_per_s:,.0f} tok/s")
+            if checkpoint_fn and cfg.ckpt_every and ((step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.max_steps):
+                checkpoint_fn(step + 1)
+    finally:
+        if metrics:
+            metrics.close()
+    return history
