@@ -107,12 +107,12 @@ class PretrainConfig:
     # overrides of the preset's fields, e.g. {n_layer: 4, moe_layers: every_2}; vocab_size comes from the tokenizer
     model: dict = field(default_factory=lambda: {"n_layer": 4, "d_model": 256, "n_head": 4})
     seq_len: int = 256
-    batch_size: int = 16  # sequences per process per micro-batch
+    batch_size: int = 8  # sequences per process per micro-batch
     grad_accum: int = 1
-    max_steps: int = 300
+    max_steps: int = 200
     lr: float = 2e-3
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
-    warmup_steps: int = 30
+    warmup_steps: int = 20
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
@@ -121,10 +121,11 @@ class PretrainConfig:
     # sampling weight per modality; empty: equal weights
     mix: dict = field(default_factory=lambda: {"text": 0.45, "code": 0.3, "triples": 0.2, "image_text": 0.05})
     val_fraction: float = 0.02  # share of each modality's windows held out for validation
-    eval_every: int = 50
+    eval_every: int = 25
     eval_batches: int = 8
-    ckpt_every: int = 100
+    ckpt_every: int = 50
     keep_checkpoints: int = 2
+    log_every: int = 10  # a text line every log_every steps when there is no live progress bar
     seed: int = 0
     nproc: int = 1  # > 1: the stage launches torchrun --nproc_per_node nproc
     parallel: str = "ddp"  # ddp | fsdp (FSDP2 fully_shard)

@@ -42,7 +42,7 @@ from fm.train.parallel import Dist, destroy_distributed, init_distributed, paral
 # Settings that change how a run is executed but not the numbers it computes: a checkpoint
 # written under one of them resumes under another (different process count, FSDP vs DDP, ...).
 EXECUTION_ONLY = ("batch_size", "grad_accum", "nproc", "parallel", "cpu_offload", "activation_checkpointing",
-                  "compile", "threads", "peak_tflops", "eval_every", "eval_batches", "ckpt_every", "keep_checkpoints")
+                  "compile", "threads", "peak_tflops", "log_every", "eval_every", "eval_batches", "ckpt_every", "keep_checkpoints")
 
 
 def model_config(cfg: PretrainConfig, vocab_size: int) -> ModelConfig:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -90,6 +91,8 @@ def train(
     history: list[dict] = []
     metrics = open(metrics_path, "a") if (metrics_path and d.is_main) else None
     task = progress.add_task("pretrain", total=cfg.max_steps, completed=start_step) if progress else None
+    # A log file or CI has no live progress bar: print a line every log_every steps instead.
+    log_lines = d.is_main and cfg.log_every > 0 and (progress is None or not progress.console.is_terminal)
     model.train()
     try:
         for step in range(start_step, cfg.max_steps):
@@ -134,9 +137,12 @@ def train(
             if metrics:
                 metrics.write(json.dumps(record) + "\n")
                 metrics.flush()
+            shown = f"loss {loss_value:.3f}" + (f" val {record['val_loss']:.3f}" if "val_loss" in record else "")
             if progress:
-                shown = f"loss {loss_value:.3f}" + (f" val {record['val_loss']:.3f}" if "val_loss" in record else "")
                 progress.update(task, advance=1, description=f"pretrain {shown} {tokens_per_s:,.0f} tok/s")
+            if log_lines and ((step + 1) % cfg.log_every == 0 or "val_loss" in record or step + 1 == cfg.max_steps):
+                mfu = f" mfu {record['mfu']:.1%}" if "mfu" in record else ""
+                print(f"step {step + 1}/{cfg.max_steps} {shown} lr {lr:.2e} {tokens_per_s:,.0f} tok/s{mfu}", file=sys.stderr, flush=True)
             if checkpoint_fn and cfg.ckpt_every and ((step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.max_steps):
                 checkpoint_fn(step + 1)
     finally:
