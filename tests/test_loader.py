@@ -98,8 +98,11 @@ def test_validation_windows_are_held_out(sample_shards):
 
 def test_bad_arguments_are_clear(sample_shards):
     shard_dir = sample_shards.tokens / "shards"
-    with pytest.raises(ValueError, match="without token shards.*image_text"):
+    with pytest.raises(ValueError, match="only modalities without token shards.*image_text"):
         TokenLoader(shard_dir, seq_len=16, batch_size=1, weights={"image_text": 1})
+    with pytest.warns(UserWarning, match="no token shards for triples"):
+        partial = TokenLoader(shard_dir, seq_len=16, batch_size=1, weights={"text": 1, "triples": 1})
+    assert partial.modalities == ["text"]
     loader = TokenLoader(shard_dir, seq_len=16, batch_size=1, seed=0)
     with pytest.raises(ValueError, match="does not match"):
         TokenLoader(shard_dir, seq_len=32, batch_size=1, seed=0).load_state_dict(loader.state_dict())

@@ -20,7 +20,8 @@ from fm.train.loop import evaluate
 from fm.train.optim import build_optimizer, lr_at
 
 TINY = dict(preset="tiny", model={"n_layer": 2, "d_model": 64, "n_head": 4}, seq_len=32, max_steps=6, lr=3e-3,
-            warmup_steps=2, eval_every=3, eval_batches=2, ckpt_every=3, threads=1, peak_tflops=1.0)
+            warmup_steps=2, eval_every=3, eval_batches=2, ckpt_every=3, threads=1, peak_tflops=1.0,
+            mix={"text": 1, "code": 1})
 
 
 def workdir(tmp_path: Path, shards: Paths, name: str) -> Paths:
@@ -107,3 +108,17 @@ def test_two_processes_match_one_and_reshard_on_resume(sample_shards, tmp_path, 
     summary = run(PretrainConfig(**TINY, batch_size=4), double, progress=False)
     assert summary["resumed_from_step"] == 3
     assert losses(double) == pytest.approx(losses(single), rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.parametrize("routing", ["top1", "domain"])
+def test_moe_pretraining_logs_expert_load(sample_shards, tmp_path, routing):
+    paths = workdir(tmp_path, sample_shards, "moe")
+    model = {**TINY["model"], "moe_layers": "all", "n_experts": 2, "moe_routing": routing}
+    if routing == "domain":
+        model["n_domains"] = 2  # text and code: the modality is the domain
+    cfg = PretrainConfig(**{**TINY, "model": model, "max_steps": 3}, batch_size=4)
+    run(cfg, paths, progress=False)
+    records = [json.loads(line) for line in (paths.models / "pretrain" / "metrics.jsonl").read_text().splitlines()]
+    loads = records[-1]["expert_load"]
+    assert len(loads) == 2 and all(len(row) == 2 and abs(sum(row) - 1) < 1e-4 for row in loads)
+    assert load_model(paths.models / "pretrain").cfg.moe_routing == routing

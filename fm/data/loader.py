@@ -19,6 +19,7 @@ has used), so a run resumes exactly mid-epoch or at an epoch boundary, and a che
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -58,9 +59,12 @@ class TokenLoader:
             if entry["kind"] == "tokens":
                 streams.setdefault(entry["modality"], []).append(read_token_shard(self.shard_dir / entry["path"], manifest["dtype"]))
         weights = dict(weights) if weights else {m: 1.0 for m in streams}
-        unknown = sorted(set(weights) - set(streams))
-        if unknown:
-            raise ValueError(f"mixing weights name modalities without token shards in {self.shard_dir}: {', '.join(unknown)}")
+        missing = sorted(m for m, w in weights.items() if w > 0 and m not in streams)
+        if missing and len(missing) == sum(1 for w in weights.values() if w > 0):
+            raise ValueError(f"mixing weights name only modalities without token shards in {self.shard_dir}: {', '.join(missing)}")
+        if missing:  # a corpus without, say, triples still trains on what it has
+            warnings.warn(f"no token shards for {', '.join(missing)} in {self.shard_dir}: their mixing weight is dropped")
+        weights = {m: w for m, w in weights.items() if m in streams}
 
         self.modalities: list[str] = []
         self._shards: dict[str, list[np.memmap]] = {}
