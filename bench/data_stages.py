@@ -41,18 +41,18 @@ def main() -> None:
     t = time.perf_counter()
     import great_expectations  # noqa: F401  (import cost reported, not timed per stage)
     gx_import = time.perf_counter() - t
-    from fm.stages import STAGES, run_stage
+    from fm.stages import run_stage
 
     params = load_params(args.params)
     # What each stage reads, to turn seconds into MB/s.
     inputs = {"ingest": lambda p: p.raw, "validate": lambda p: p.ingested, "curate": lambda p: p.validated,
               "tokenize": lambda p: p.curated, "shard": lambda p: p.curated}
-    seconds: dict[str, list[float]] = {name: [] for name in STAGES}
+    seconds: dict[str, list[float]] = {name: [] for name in inputs}
     read_bytes: dict[str, int] = {}
     for rep in range(args.repeats):
         with tempfile.TemporaryDirectory() as tmp:
             paths = Paths(args.raw, Path(tmp))
-            for name in STAGES:
+            for name in inputs:
                 read_bytes[name] = folder_bytes(inputs[name](paths))
                 start = time.perf_counter()
                 run_stage(name, params, paths)
@@ -60,7 +60,7 @@ def main() -> None:
         print(f"repeat {rep + 1}/{args.repeats}: " + ", ".join(f"{n} {s[-1]:.1f}s" for n, s in seconds.items()), file=sys.stderr)
 
     rows = []
-    for name in STAGES:
+    for name in inputs:
         med = statistics.median(seconds[name])
         rows.append({"stage": name, "median_s": round(med, 3), "runs_s": [round(s, 3) for s in seconds[name]],
                      "read_mb": round(read_bytes[name] / 1e6, 3), "mb_per_s": round(read_bytes[name] / 1e6 / med, 2)})

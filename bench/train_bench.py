@@ -1,0 +1,323 @@
+"""Training throughput of fm's Decoder against Hugging Face GPT-2 and litgpt GPT of the same size, interleaved.
+
+    .venv/bin/python bench/train_bench.py [--repeats 3] [--steps 5] [--warmup 1] [--modes eager,compile]
+        [--models fm,hf,litgpt] [--device cpu] [--preset small] [--batch-size 8] [--threads 2]
+
+Three models of one size (the `--preset` of fm.models.decoder.PRESETS; `small` = 6 layers x 384,
+6 heads, seq 256, vocab 8192), each built from its own package:
+  fm      fm.models.decoder.Decoder: RoPE, RMSNorm, SwiGLU, SDPA, tied embeddings; GPT-2 init
+  hf      transformers' GPT2LMHeadModel(GPT2Config): learned positions, LayerNorm, GELU MLP (4d),
+          biases, tied embeddings; its own init (GPT-2's: normal(0.02), c_proj scaled by 1/sqrt(2L))
+  litgpt  litgpt.model.GPT(litgpt.config.Config) in its LLaMA-like form, the closest to fm: RoPE on
+          the full head, RMSNorm, LLaMAMLP (SwiGLU) of fm's width, no biases, sequential residual;
+          its embedding and LM head tied (as fm's and GPT-2's are) and GPT-2 init applied here
+          (normal(0.02), attn.proj and mlp.proj scaled by 1/sqrt(2L)). litgpt's own pretrain script
+          uses the GPT-NeoX small init instead; either keeps weights far from denormals.
+Every model trains with the same AdamW (fused where the device has it, else foreach; lr 3e-4,
+betas (0.9, 0.95), weight decay 0.1 on matrices) and gradient clipping at 1.0, on the same
+random-token batches (B, T) with next-token targets, fp32 on CPU (bf16 autocast on CUDA), with
+`--threads` intra-op threads and denormals flushed to zero. Each model runs eager and
+torch.compile'd (the whole model; compiled and warmed up before any timing).
+
+Timing is interleaved: for every repeat, each (model, mode) runs `--warmup` untimed then
+`--steps` timed optimizer steps, the order rotating by one every repeat. Reported per (model,
+mode): the median step time over all timed steps -> tokens/s, and MFU = flops_per_token *
+tokens/s / peak, where flops_per_token = 6 N + 12 L d T (PaLM / nanoGPT; N = the weights a token
+multiplies by = non-embedding parameters + LM head, counted from each model's actual parameters)
+and peak = the largest of the fp32 (bf16 on CUDA) matmul FLOP/s measured before the first repeat,
+after every repeat and at the end (fm.train.loop.measure_matmul_peak). The load average before and
+after is recorded: compare only runs made in one invocation. JSON goes to bench/results/train.json.
+
+Peers, installed without moving fm's pins (litgpt 0.5.13 asks for huggingface-hub<1.4, which
+its model and config modules never import):
+
+    .venv/bin/pip install transformers "lightning>=2.6.1" "jsonargparse[signatures]>=4.37,<=4.41" \
+        -c <(printf 'torch==2.13.0\nnumpy==2.4.6\npandas==3.1.1\npyarrow==26.0.1\ntokenizers==0.23.3\nsafetensors==0.8.0\nhuggingface-hub==2.4.0\npackaging==26.4\nfsspec==2026.9.0\n')
+    .venv/bin/pip install --no-deps litgpt==0.5.13
+
+On a GPU: `--device cuda --preset base` (~124M: 12 x 768, seq 1024, vocab 50304; GPT-2 small peers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from contextlib import nullcontext
+from importlib import metadata
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+
+from fm.models.decoder import PRESETS, Decoder, ModelConfig  # noqa: E402
+from fm.train.loop import measure_matmul_peak  # noqa: E402
+
+MODELS = ("fm", "hf", "litgpt")
+MODES = ("eager", "compile")
+LR, BETAS, WEIGHT_DECAY, GRAD_CLIP = 3e-4, (0.9, 0.95), 0.1, 1.0
+
+
+def build_fm(cfg: ModelConfig) -> tuple[nn.Module, callable]:
+    """fm's Decoder and its loss: the model computes cross-entropy itself."""
+    model = Decoder(cfg)
+
+    def loss_of(m, x, y):
+        return m(x, y)[1]
+
+    return model, loss_of
+
+
+def build_hf(cfg: ModelConfig) -> tuple[nn.Module, callable]:
+    """transformers' GPT2LMHeadModel of cfg's size, with its own (GPT-2) init; logits -> cross-entropy."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    hf_cfg = GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.seq_len, n_embd=cfg.d_model, n_layer=cfg.n_layer,
+                        n_head=cfg.n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, use_cache=False)
+    model = GPT2LMHeadModel(hf_cfg)
+
+    def loss_of(m, x, y):
+        logits = m(input_ids=x).logits  # (B, T, V)
+        return F.cross_entropy(logits.flatten(0, 1), y.flatten())
+
+    return model, loss_of
+
+
+def build_litgpt(cfg: ModelConfig) -> tuple[nn.Module, callable]:
+    """litgpt's GPT in its LLaMA-like form at cfg's size, head tied to the embedding, GPT-2 init."""
+    from litgpt.config import Config
+    from litgpt.model import GPT
+
+    lit_cfg = Config(name="fm-bench", block_size=cfg.seq_len, vocab_size=cfg.vocab_size,
+                     padded_vocab_size=cfg.vocab_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
+                     n_query_groups=cfg.n_kv_head, n_embd=cfg.d_model, rotary_percentage=1.0,
+                     parallel_residual=False, bias=False, norm_class_name="RMSNorm", norm_eps=cfg.norm_eps,
+                     mlp_class_name="LLaMAMLP", intermediate_size=cfg.ffn_hidden, rope_base=int(cfg.rope_theta))
+    model = GPT(lit_cfg)
+    model.lm_head.weight = model.transformer.wte.weight
+    with torch.no_grad():
+        model.apply(model._init_weights)  # normal(0.02) for every Linear and Embedding
+        for block in model.transformer.h:
+            for proj in (block.attn.proj, block.mlp.proj):
+                nn.init.normal_(proj.weight, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    def loss_of(m, x, y):
+        logits = m(x)  # (B, T, V)
+        return F.cross_entropy(logits.flatten(0, 1), y.flatten())
+
+    return model, loss_of
+
+
+BUILDERS = {"fm": build_fm, "hf": build_hf, "litgpt": build_litgpt}
+
+
+def count_matmul_params(model: nn.Module) -> int:
+    """N of the 6N convention: every parameter except embedding tables (lookups), plus the LM head.
+
+    The LM head is found as the Linear whose weight has the vocabulary's shape; when it is tied to
+    the token embedding it is still a matmul and counted once.
+    """
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    unique = {id(p): p for p in model.parameters()}
+    n = sum(p.numel() for i, p in unique.items() if i not in embeddings)
+    vocab = max(m.weight.shape[0] for m in model.modules() if isinstance(m, nn.Embedding))
+    heads = [m for m in model.modules() if isinstance(m, nn.Linear) and m.weight.shape[0] == vocab]
+    assert len(heads) == 1, "expected exactly one LM head"
+    return n + (heads[0].weight.numel() if id(heads[0].weight) in embeddings else 0)
+
+
+def build_optimizer(model: nn.Module, device: torch.device) -> torch.optim.AdamW:
+    """The same AdamW for every model: matrices decay, vectors do not; fused kernel where available."""
+    params = list({id(p): p for p in model.parameters()}.values())
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": WEIGHT_DECAY},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    try:
+        return torch.optim.AdamW(groups, lr=LR, betas=BETAS, fused=True)
+    except (RuntimeError, ValueError):
+        return torch.optim.AdamW(groups, lr=LR, betas=BETAS, foreach=True)
+
+
+class Runner:
+    """One (model, mode): a model, its optimizer and a train step; keeps its own step times."""
+
+    def __init__(self, name: str, mode: str, cfg: ModelConfig, device: torch.device, autocast_dtype):
+        torch.manual_seed(0)
+        model, self.loss_of = BUILDERS[name](cfg)
+        self.model = model.to(device).train()
+        self.name, self.mode, self.device = name, mode, device
+        self.n_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+        self.matmul_params = count_matmul_params(model)
+        self.optimizer = build_optimizer(model, device)
+        self.forward = torch.compile(model) if mode == "compile" else model
+        self.autocast = (lambda: torch.autocast(device.type, dtype=autocast_dtype)) if autocast_dtype else nullcontext
+        self.times: list[float] = []
+        self.losses: list[float] = []
+        self.setup_s = 0.0
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with self.autocast():
+            loss = self.loss_of(self.forward, x, y)
+        loss.backward()
+        nn.utils.clip_grad_norm_(self.model.parameters(), GRAD_CLIP)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    def run(self, batches: list, steps: int, timed: bool) -> None:
+        """`steps` train steps cycling through batches; each one timed (device synchronized) if asked."""
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        sync()
+        for i in range(steps):
+            x, y = batches[i % len(batches)]
+            t = time.perf_counter()
+            loss = self.step(x, y)
+            sync()
+            if timed:
+                self.times.append(time.perf_counter() - t)
+                self.losses.append(loss.item())
+
+
+def random_batches(n: int, batch_size: int, cfg: ModelConfig, device: torch.device) -> list:
+    """n (x, y) pairs of random token ids (B, T), y the next token of x."""
+    g = torch.Generator().manual_seed(1234)
+    out = []
+    for _ in range(n):
+        seq = torch.randint(cfg.vocab_size, (batch_size, cfg.seq_len + 1), generator=g)  # (B, T+1)
+        out.append((seq[:, :-1].to(device), seq[:, 1:].to(device)))
+    return out
+
+
+def cpu_info() -> str:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor()
+    name = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "?")
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in flags]
+    return f"{name} ({', '.join(isa)})"
+
+
+def version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=5, help="timed steps per (model, mode) per repeat")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed steps before each timed block")
+    ap.add_argument("--modes", default="eager,compile")
+    ap.add_argument("--models", default="fm,hf,litgpt")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--preset", default=None, help="fm preset (default: small on CPU, base on CUDA)")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=2, help="intra-op threads on CPU")
+    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "train.json")
+    args = ap.parse_args()
+
+    device = torch.device(args.device)
+    cfg = PRESETS[args.preset or ("base" if device.type == "cuda" else "small")]
+    models = [m for m in args.models.split(",") if m]
+    modes = [m for m in args.modes.split(",") if m]
+    if unknown := (set(models) - set(MODELS)) | (set(modes) - set(MODES)):
+        ap.error(f"unknown models or modes: {sorted(unknown)}")
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)  # a denormal-heavy init made peers 3-10x slower on this CPU
+    # bf16 on CUDA; fp32 on CPU, where (without AMX) bf16 matmuls run at ~0.55x fp32
+    autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
+    peak_dtype = autocast_dtype or torch.float32
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    load_before = os.getloadavg()
+    print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else cpu_info()}), "
+          f"torch {torch.__version__}, threads {torch.get_num_threads()}, load average {load_before}")
+    peaks = [measure_matmul_peak(device, peak_dtype)]
+    print(f"matmul peak ({peak_dtype}): {peaks[0] / 1e9:.1f} GFLOP/s")
+
+    batches = random_batches(4, args.batch_size, cfg, device)
+    runners = []
+    for name in models:
+        for mode in modes:
+            t = time.perf_counter()
+            runner = Runner(name, mode, cfg, device, autocast_dtype)
+            runner.run(batches, 2, timed=False)  # compiles forward and backward when mode is compile
+            runner.setup_s = time.perf_counter() - t
+            print(f"  built {name}/{mode} in {runner.setup_s:.1f}s: {runner.n_params / 1e6:.2f}M params, "
+                  f"N = {runner.matmul_params / 1e6:.2f}M")
+            runners.append(runner)
+    if "fm" in models:  # our counter agrees with fm's own flops_per_token
+        fm_runner = next(r for r in runners if r.name == "fm")
+        assert 6 * fm_runner.matmul_params + 12 * cfg.n_layer * cfg.d_model * cfg.seq_len == cfg.flops_per_token()
+
+    for rep in range(args.repeats):
+        k = rep % len(runners)
+        for runner in runners[k:] + runners[:k]:
+            runner.run(batches, args.warmup, timed=False)
+            runner.run(batches, args.steps, timed=True)
+        peaks.append(measure_matmul_peak(device, peak_dtype))
+        print(f"  repeat {rep + 1}/{args.repeats} done; matmul peak {peaks[-1] / 1e9:.1f} GFLOP/s, "
+              f"load {os.getloadavg()[0]:.2f}")
+    peak = max(peaks)
+    load_after = os.getloadavg()
+
+    tokens_per_step = args.batch_size * cfg.seq_len
+    rows = []
+    for r in runners:
+        flops_per_token = 6 * r.matmul_params + 12 * cfg.n_layer * cfg.d_model * cfg.seq_len
+        step_s = statistics.median(r.times)
+        per_repeat = [statistics.median(r.times[i * args.steps:(i + 1) * args.steps]) for i in range(args.repeats)]
+        tokens_per_s = tokens_per_step / step_s
+        rows.append(dict(model=r.name, mode=r.mode, params=r.n_params, matmul_params=r.matmul_params,
+                         flops_per_token=flops_per_token, step_s=step_s, step_s_min=min(r.times),
+                         step_s_per_repeat=per_repeat, tokens_per_s=tokens_per_s,
+                         mfu=flops_per_token * tokens_per_s / peak, setup_s=r.setup_s, last_loss=r.losses[-1]))
+
+    print(f"\n{'model':<8}{'mode':<9}{'N (M)':>7}{'step ms':>9}{'tokens/s':>10}{'MFU':>7}   "
+          f"repeat medians (ms)")
+    for row in rows:
+        reps = " ".join(f"{s * 1e3:.0f}" for s in row["step_s_per_repeat"])
+        print(f"{row['model']:<8}{row['mode']:<9}{row['matmul_params'] / 1e6:>7.2f}{row['step_s'] * 1e3:>9.0f}"
+              f"{row['tokens_per_s']:>10.0f}{row['mfu']:>7.1%}   {reps}")
+    ratios = {}
+    for mode in modes:
+        fm_row = next((r for r in rows if r["model"] == "fm" and r["mode"] == mode), None)
+        for row in rows:
+            if fm_row and row["mode"] == mode and row["model"] != "fm":
+                ratios[f"fm/{row['model']} {mode}"] = fm_row["tokens_per_s"] / row["tokens_per_s"]
+    print(f"\npeak {peak / 1e9:.1f} GFLOP/s (max of {len(peaks)}: "
+          f"{', '.join(f'{p / 1e9:.0f}' for p in peaks)}); load average {load_before} -> {load_after}")
+    print("  ".join(f"{k} = {v:.3f}" for k, v in ratios.items()))
+
+    result = dict(device=str(device), device_name=torch.cuda.get_device_name(device) if device.type == "cuda"
+                  else cpu_info(), torch=torch.__version__, transformers=version("transformers"),
+                  litgpt=version("litgpt"), threads=torch.get_num_threads(), preset=args.preset or cfg_name(cfg),
+                  batch_size=args.batch_size, seq_len=cfg.seq_len, dtype=str(peak_dtype),
+                  repeats=args.repeats, steps=args.steps, warmup=args.warmup,
+                  peak_flops=peak, peak_rule="max", peaks_flops=peaks,
+                  load_average_before=load_before, load_average_after=load_after, rows=rows, ratios=ratios)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+def cfg_name(cfg: ModelConfig) -> str:
+    return next(k for k, v in PRESETS.items() if v == cfg)
+
+
+if __name__ == "__main__":
+    main()
