@@ -122,3 +122,11 @@ def test_moe_pretraining_logs_expert_load(sample_shards, tmp_path, routing):
     loads = records[-1]["expert_load"]
     assert len(loads) == 2 and all(len(row) == 2 and abs(sum(row) - 1) < 1e-4 for row in loads)
     assert load_model(paths.models / "pretrain").cfg.moe_routing == routing
+
+
+def test_activation_checkpointing_keeps_the_losses(sample_shards, tmp_path):
+    plain = workdir(tmp_path, sample_shards, "plain")
+    recompute = workdir(tmp_path, sample_shards, "recompute")
+    run(PretrainConfig(**{**TINY, "max_steps": 3}, batch_size=4), plain, progress=False)
+    run(PretrainConfig(**{**TINY, "max_steps": 3}, batch_size=4, activation_checkpointing=True), recompute, progress=False)
+    assert losses(recompute) == pytest.approx(losses(plain), rel=1e-6)
