@@ -158,7 +158,8 @@ class Runner:
         self.optimizer = build_optimizer(model, device)
         self.forward = torch.compile(model) if mode == "compile" else model
         self.autocast = (lambda: torch.autocast(device.type, dtype=autocast_dtype)) if autocast_dtype else nullcontext
-        self.times: list[float] = []
+        self.times: list[float] = []  # wall seconds per timed step
+        self.cpu_times: list[float] = []  # CPU seconds of this process (all threads) per timed step
         self.losses: list[float] = []
         self.setup_s = 0.0
 
@@ -177,11 +178,12 @@ class Runner:
         sync()
         for i in range(steps):
             x, y = batches[i % len(batches)]
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             loss = self.step(x, y)
             sync()
             if timed:
                 self.times.append(time.perf_counter() - t)
+                self.cpu_times.append(time.process_time() - c)
                 self.losses.append(loss.item())
 
 
@@ -284,15 +286,17 @@ def main() -> None:
         tokens_per_s = tokens_per_step / step_s
         rows.append(dict(model=r.name, mode=r.mode, params=r.n_params, matmul_params=r.matmul_params,
                          flops_per_token=flops_per_token, step_s=step_s, step_s_min=min(r.times),
-                         step_s_per_repeat=per_repeat, tokens_per_s=tokens_per_s,
+                         step_s_per_repeat=per_repeat, cpu_s=statistics.median(r.cpu_times),
+                         cpu_share=sum(r.cpu_times) / sum(r.times) / torch.get_num_threads(), tokens_per_s=tokens_per_s,
                          mfu=flops_per_token * tokens_per_s / peak, setup_s=r.setup_s, last_loss=r.losses[-1]))
 
-    print(f"\n{'model':<8}{'mode':<9}{'N (M)':>7}{'step ms':>9}{'tokens/s':>10}{'MFU':>7}   "
+    # cpu share: CPU time of this process over wall time x threads; well under 1 means the cores were shared
+    print(f"\n{'model':<8}{'mode':<9}{'N (M)':>7}{'step ms':>9}{'tokens/s':>10}{'MFU':>7}{'cpu share':>11}   "
           f"repeat medians (ms)")
     for row in rows:
         reps = " ".join(f"{s * 1e3:.0f}" for s in row["step_s_per_repeat"])
         print(f"{row['model']:<8}{row['mode']:<9}{row['matmul_params'] / 1e6:>7.2f}{row['step_s'] * 1e3:>9.0f}"
-              f"{row['tokens_per_s']:>10.0f}{row['mfu']:>7.1%}   {reps}")
+              f"{row['tokens_per_s']:>10.0f}{row['mfu']:>7.1%}{row['cpu_share']:>11.2f}   {reps}")
     ratios = {}
     for mode in modes:
         fm_row = next((r for r in rows if r["model"] == "fm" and r["mode"] == mode), None)

@@ -3,6 +3,7 @@
     fm ingest | validate | curate | tokenize | shard   run one stage (what dvc.yaml calls)
     fm run                                            the whole pipeline as a Prefect flow
     fm stages                                         list the stages in order
+    fm plan                                           rank map and memory per rank of the pretrain layout
 
 Every command takes --raw DIR, --workdir DIR, --params FILE and repeatable
 --set section.key=value overrides; params.yaml stays the single source of settings.
@@ -127,6 +128,34 @@ def run(
         raise typer.Exit(1)
     for summary in summaries:
         print_summary(summary)
+
+
+@app.command("plan")
+def plan(
+    raw: RawOpt = Path("data/01_raw"),
+    workdir: WorkdirOpt = Path("data"),
+    params: ParamsOpt = Path("params.yaml"),
+    overrides: SetOpt = None,
+) -> None:
+    """Print the pretrain layout's rank map (dp, pp, tp), weight shards and estimated memory per rank."""
+    import json
+
+    from fm.models.decoder import PRESETS
+    from fm.plan import plan as make_plan, print_plan
+    from fm.recipes.pretrain import model_config
+
+    try:
+        cfg = load_params(params, overrides or []).pretrain
+        manifest = Paths(raw, workdir).tokens / "shards" / "manifest.json"
+        if manifest.is_file():
+            vocab = json.loads(manifest.read_text())["tokenizer"]["vocab_size"]
+        else:  # before `fm shard`: the preset's vocabulary
+            vocab = PRESETS[cfg.preset].vocab_size if cfg.preset in PRESETS else 0
+            console.print(f"[dim]{manifest} not found: vocab_size {vocab} from preset {cfg.preset}[/]")
+        print_plan(make_plan(cfg, model_config(cfg, vocab)), Console())
+    except _user_errors() as e:
+        console.print(f"[red]error[/] (plan): {e}", soft_wrap=True)
+        raise typer.Exit(1)
 
 
 _register_stage_commands()

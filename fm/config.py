@@ -128,7 +128,12 @@ class PretrainConfig:
     log_every: int = 10  # a text line every log_every steps when there is no live progress bar
     seed: int = 0
     nproc: int = 1  # > 1: the stage launches torchrun --nproc_per_node nproc
-    parallel: str = "ddp"  # ddp | fsdp (FSDP2 fully_shard)
+    parallel: str = "ddp"  # ddp | fsdp (FSDP2 fully_shard): how the data-parallel dimension is wrapped
+    # 3D layout: nproc = dp * pp * tp; dp = nproc // (pp * tp) is derived, and only dp splits the batch
+    tp: int = 1  # tensor-parallel degree: attention heads and MLP columns split over tp ranks
+    pp: int = 1  # pipeline stages: layer ranges on pp ranks (needs model.tie_embeddings=false)
+    pp_microbatches: int = 2  # pp > 1: microbatches per batch_size (which they must divide)
+    pp_schedule: str = "1f1b"  # gpipe | 1f1b
     cpu_offload: bool = False  # FSDP2: parameters, gradients and optimizer state live on the CPU
     activation_checkpointing: bool = False
     compile: bool = False
@@ -141,6 +146,17 @@ class PretrainConfig:
             raise ValueError(f"pretrain.dtype must be auto, fp32 or bf16, got {self.dtype!r}")
         if self.parallel not in ("ddp", "fsdp"):
             raise ValueError(f"pretrain.parallel must be ddp or fsdp, got {self.parallel!r}")
+        _positive(self, "tp", "pp", "pp_microbatches")
+        if self.nproc % (self.tp * self.pp):
+            raise ValueError(f"pretrain.nproc ({self.nproc}) must be dp * tp * pp: a multiple of "
+                             f"tp * pp = {self.tp} * {self.pp} = {self.tp * self.pp}")
+        if self.nproc > self.tp * self.pp and (self.tp > 1 or self.pp > 1) and self.parallel == "ddp":
+            raise ValueError("pretrain.tp > 1 or pp > 1 with dp > 1 needs pretrain.parallel=fsdp "
+                             "(FSDP2 wraps the data-parallel dimension of a 2D/3D layout)")
+        if self.pp_schedule not in ("gpipe", "1f1b"):
+            raise ValueError(f"pretrain.pp_schedule must be gpipe or 1f1b, got {self.pp_schedule!r}")
+        if self.pp > 1 and self.batch_size % self.pp_microbatches:
+            raise ValueError(f"pretrain.pp_microbatches ({self.pp_microbatches}) must divide batch_size ({self.batch_size})")
         if self.warmup_steps < 0 or self.warmup_steps >= self.max_steps:
             raise ValueError(f"pretrain.warmup_steps must be in [0, max_steps={self.max_steps}), got {self.warmup_steps}")
         if any(w < 0 for w in self.mix.values()):

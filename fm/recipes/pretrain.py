@@ -2,6 +2,7 @@
 
     fm pretrain                                   # the stage; launches torchrun when pretrain.nproc > 1
     torchrun --nproc_per_node 2 -m fm.recipes.pretrain --set pretrain.parallel=fsdp
+    torchrun --nproc_per_node 4 -m fm.recipes.pretrain --set pretrain.tp=2 --set pretrain.parallel=fsdp   # dp 2 x tp 2
     torchrun --nnodes 2 --node-rank R --rdzv-backend c10d --rdzv-endpoint HOST:29500 \
              --nproc_per_node 8 -m fm.recipes.pretrain       # multi-node
 
@@ -41,8 +42,10 @@ from fm.train.parallel import Dist, destroy_distributed, init_distributed, paral
 
 # Settings that change how a run is executed but not the numbers it computes: a checkpoint
 # written under one of them resumes under another (different process count, FSDP vs DDP, ...).
+# The 3D layout (tp, pp and its schedule) is one of them: DCP reshards a checkpoint into any layout.
 EXECUTION_ONLY = ("batch_size", "grad_accum", "nproc", "parallel", "cpu_offload", "activation_checkpointing",
-                  "compile", "threads", "peak_tflops", "log_every", "eval_every", "eval_batches", "ckpt_every", "keep_checkpoints")
+                  "compile", "threads", "peak_tflops", "log_every", "eval_every", "eval_batches", "ckpt_every", "keep_checkpoints",
+                  "tp", "pp", "pp_microbatches", "pp_schedule")
 
 
 def model_config(cfg: PretrainConfig, vocab_size: int) -> ModelConfig:
@@ -65,17 +68,17 @@ def resolve_dtype(cfg: PretrainConfig, device: torch.device) -> str:
     return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
 
 
-def config_hash(cfg: PretrainConfig, manifest: dict, world_size: int) -> str:
+def config_hash(cfg: PretrainConfig, manifest: dict, dp_size: int) -> str:
     """What a resumable checkpoint must agree on: the math of the run and the data it reads."""
     math_settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in EXECUTION_ONLY}
-    math_settings["global_batch"] = cfg.batch_size * cfg.grad_accum * world_size
+    math_settings["global_batch"] = cfg.batch_size * cfg.grad_accum * dp_size  # only dp splits the batch
     data = {"tokenizer": manifest["tokenizer"]["sha256"], "totals": manifest["totals"]["tokens"]}
     return hashlib.sha256(json.dumps([math_settings, data], sort_keys=True).encode()).hexdigest()[:16]
 
 
 def run(cfg: PretrainConfig, paths: Paths, progress: bool = True) -> dict:
     """Train in this process (one of torchrun's, or alone) and return the summary (rank 0)."""
-    d = init_distributed()
+    d = init_distributed(tp=cfg.tp, pp=cfg.pp)
     try:
         return _run(cfg, paths, d, progress)
     finally:
@@ -98,21 +101,22 @@ def _run(cfg: PretrainConfig, paths: Paths, d: Dist, progress: bool) -> dict:
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank and on every resume
     model = Decoder(mcfg).to(d.device)
     peak = cfg.peak_tflops * 1e12 or measure_matmul_peak(d.device, torch.bfloat16 if dtype == "bf16" else torch.float32)
-    model = parallelize(model, d, cfg.parallel, cfg.activation_checkpointing, cfg.compile, cfg.cpu_offload)
+    model, pipeline = parallelize(model, d, cfg)  # pipeline: None unless pp > 1
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
 
-    loader = TokenLoader(shard_dir, cfg.seq_len, cfg.batch_size, cfg.mix or None, cfg.seed, d.rank, d.world_size,
+    # Ranks that differ only in their tp or pp coordinate read the same batch: the data rank is the dp one.
+    loader = TokenLoader(shard_dir, cfg.seq_len, cfg.batch_size, cfg.mix or None, cfg.seed, d.dp_rank, d.dp_size,
                          split="train", val_fraction=cfg.val_fraction)
     val_loader = None
     if cfg.val_fraction > 0:
         try:
-            val_loader = TokenLoader(shard_dir, cfg.seq_len, cfg.batch_size, cfg.mix or None, cfg.seed, d.rank,
-                                     d.world_size, split="val", val_fraction=cfg.val_fraction)
+            val_loader = TokenLoader(shard_dir, cfg.seq_len, cfg.batch_size, cfg.mix or None, cfg.seed, d.dp_rank,
+                                     d.dp_size, split="val", val_fraction=cfg.val_fraction)
         except ValueError as e:  # a corpus too small to hold out a single window
             print(f"pretrain: no validation ({e})", file=sys.stderr)
 
     ckpt_root = paths.checkpoints / "pretrain"
-    chash = config_hash(cfg, manifest, d.world_size)
+    chash = config_hash(cfg, manifest, d.dp_size)
     start_step = 0
     resume_from = resume_point(ckpt_root, chash, d)
     if resume_from is not None:
@@ -132,10 +136,12 @@ def _run(cfg: PretrainConfig, paths: Paths, d: Dist, progress: bool) -> dict:
     with bar as prog:
         history = train(model, optimizer, loader, cfg, d, val_loader=val_loader, start_step=start_step,
                         checkpoint_fn=checkpoint, metrics_path=ckpt_root / "metrics.jsonl",
-                        flops_per_token=mcfg.flops_per_token(cfg.seq_len), peak_flops=peak, progress=prog)
+                        flops_per_token=mcfg.flops_per_token(cfg.seq_len), peak_flops=peak, progress=prog,
+                        pipeline=pipeline)
 
     summary = {"stage": "pretrain", "resumed_from_step": start_step, "steps": cfg.max_steps,
-               "params": mcfg.num_params(), "world_size": d.world_size, "dtype": dtype,
+               "params": mcfg.num_params(), "world_size": d.world_size,
+               "layout": {"dp": d.dp_size, "pp": d.pp_size, "tp": d.tp_size}, "dtype": dtype,
                "device": str(d.device.type), "peak_tflops": round(peak / 1e12, 3)}
     if history:
         tail = history[-min(10, len(history)):]

@@ -36,7 +36,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from fm.io import atomic_path
 from fm.models.decoder import Decoder, ModelConfig
-from fm.train.parallel import Dist, barrier, broadcast_object, unwrap
+from fm.train.parallel import Dist, barrier, broadcast_object, gather_pipeline_state, unwrap
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 
@@ -104,7 +104,9 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
 
 def export_model(model: nn.Module, cfg: ModelConfig, out_dir: Path, d: Dist, meta: dict | None = None) -> Path | None:
     """Gather the full weights and write model.safetensors + config.json (collective; rank 0 writes)."""
-    sd = get_model_state_dict(unwrap(model), options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    # cpu_offload keeps the full state on rank 0 only; a pipeline's other stages must keep theirs to send it.
+    options = StateDictOptions(full_state_dict=True, cpu_offload=d.pp_size == 1)
+    sd = gather_pipeline_state(get_model_state_dict(unwrap(model), options=options), d)
     if not d.is_main:
         return None
     if cfg.tie_embeddings:

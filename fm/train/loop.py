@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from fm.train.optim import lr_at
-from fm.train.parallel import Dist, all_reduce_mean
+from fm.train.parallel import Dist, Pipeline, clip_grad_norm_, mean_loss
 
 
 def measure_matmul_peak(device: torch.device, dtype: torch.dtype = torch.float32, seconds: float = 0.5) -> float:
@@ -51,7 +51,8 @@ def autocast_context(device: torch.device, dtype: str):
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, batches: int, device: torch.device, dtype: str) -> float:
+def evaluate(model: nn.Module, loader, batches: int, device: torch.device, dtype: str,
+             pipeline: Pipeline | None = None, d: Dist | None = None) -> float:
     """Mean loss over the same `batches` held-out batches every time (the loader is rewound)."""
     state = loader.state_dict()
     model.eval()
@@ -59,11 +60,14 @@ def evaluate(model: nn.Module, loader, batches: int, device: torch.device, dtype
     for _ in range(batches):
         x, y, domains = (t.to(device) for t in loader.next_batch())
         with autocast_context(device, dtype):
+            if pipeline is not None:  # forward through the stages; the loss lives on the last one
+                total += pipeline.eval_loss(x, y)
+                continue
             _, loss, aux = model(x, y, domains=domains)
         total += aux.get("ce_loss", loss).float()
     model.train()
     loader.load_state_dict(state)
-    return all_reduce_mean(total / batches).item()
+    return mean_loss(total / batches, d or Dist()).item()
 
 
 def train(
@@ -80,14 +84,16 @@ def train(
     flops_per_token: int = 0,
     peak_flops: float = 0.0,
     progress=None,
+    pipeline: Pipeline | None = None,
 ) -> list[dict]:
     """Train from start_step to cfg.max_steps; return one metrics record per step.
 
     cfg needs: max_steps, lr, warmup_steps, min_lr_ratio, grad_accum, grad_clip, batch_size,
     seq_len, dtype, eval_every, eval_batches, ckpt_every, log_every.
+    pipeline: with pipeline parallelism, runs each micro-batch's forward and backward through the stages.
     """
     is_ddp = isinstance(model, nn.parallel.DistributedDataParallel)
-    tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * d.world_size
+    tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * d.dp_size  # tp and pp ranks share a batch
     history: list[dict] = []
     metrics = open(metrics_path, "a") if (metrics_path and d.is_main) else None
     task = progress.add_task("pretrain", total=cfg.max_steps, completed=start_step) if progress else None
@@ -105,6 +111,12 @@ def train(
             aux_last = {}
             for micro in range(cfg.grad_accum):
                 x, y, domains = (t.to(d.device, non_blocking=True) for t in loader.next_batch())  # (B, T), (B, T), (B,)
+                if pipeline is not None:
+                    # Pipeline parallel: the schedule splits the batch into microbatches and runs this stage's
+                    # forward and backward for each, passing activations and gradients to the neighbouring stages.
+                    with autocast_context(d.device, cfg.dtype):
+                        loss_sum += pipeline.step(x, y)
+                    continue
                 last = micro == cfg.grad_accum - 1
                 # DDP all-reduces gradients on every backward unless told not to: only the last micro-batch syncs.
                 sync = nullcontext() if (last or not is_ddp) else model.no_sync()
@@ -114,13 +126,11 @@ def train(
                     (loss / cfg.grad_accum).backward()
                 loss_sum += aux_last.get("ce_loss", loss).detach().float()
 
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
-                grad_norm = grad_norm.full_tensor()
+            grad_norm = clip_grad_norm_(model.parameters(), cfg.grad_clip, d)  # over all stages and shards
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
-            loss_value = all_reduce_mean(loss_sum / cfg.grad_accum).item()
+            loss_value = mean_loss(loss_sum / cfg.grad_accum, d).item()
             if not math.isfinite(loss_value):
                 raise FloatingPointError(f"loss is {loss_value} at step {step + 1}: lower train.lr or check the data")
             seconds = time.perf_counter() - start
@@ -132,7 +142,7 @@ def train(
             if "expert_load" in aux_last:
                 record["expert_load"] = [[round(v, 4) for v in row] for row in aux_last["expert_load"].tolist()]
             if val_loader is not None and cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.max_steps):
-                record["val_loss"] = evaluate(model, val_loader, cfg.eval_batches, d.device, cfg.dtype)
+                record["val_loss"] = evaluate(model, val_loader, cfg.eval_batches, d.device, cfg.dtype, pipeline, d)
             history.append(record)
             if metrics:
                 metrics.write(json.dumps(record) + "\n")
