@@ -63,9 +63,11 @@ def test_interrupted_run_resumes_bit_identical(sample_shards, tmp_path, monkeypa
 
 def test_changed_config_does_not_resume(sample_shards, tmp_path):
     paths = workdir(tmp_path, sample_shards, "w")
-    run(PretrainConfig(**{**TINY, "max_steps": 3}, batch_size=4), paths, progress=False)
+    run(PretrainConfig(**TINY, batch_size=4), paths, progress=False)  # checkpoints at steps 3 and 6
     summary = run(PretrainConfig(**{**TINY, "max_steps": 3, "lr": 1e-3}, batch_size=4), paths, progress=False)
     assert summary["resumed_from_step"] == 0
+    # the other configuration's checkpoints are gone, so this run's own (step 3) is the newest
+    assert sorted(p.name for p in (paths.checkpoints / "pretrain").glob("step-*")) == ["step-00000003"]
 
 
 def test_exported_model_reproduces_val_loss(sample_shards, tmp_path):

@@ -35,7 +35,7 @@ from fm.data.shards import load_manifest
 from fm.io import atomic_dir
 from fm.models.decoder import PRESETS, Decoder, ModelConfig
 from fm.paths import Paths
-from fm.train.checkpoint import export_model, load_checkpoint, resume_point, save_checkpoint
+from fm.train.checkpoint import clear_checkpoints, export_model, load_checkpoint, resume_point, save_checkpoint
 from fm.train.loop import measure_matmul_peak, train
 from fm.train.optim import build_optimizer
 from fm.train.parallel import Dist, destroy_distributed, init_distributed, parallelize
@@ -125,6 +125,10 @@ def _run(cfg: PretrainConfig, paths: Paths, d: Dist, progress: bool) -> dict:
         start_step = state["step"]
     if d.is_main:
         ckpt_root.mkdir(parents=True, exist_ok=True)
+        if resume_from is None and clear_checkpoints(ckpt_root):
+            # Another configuration's state can never be resumed by this run, and left in place
+            # it would outrank (and get this run's own checkpoints pruned) by step number.
+            print(f"pretrain: removed checkpoints of another configuration from {ckpt_root}", file=sys.stderr)
         _truncate_metrics(ckpt_root / "metrics.jsonl", start_step)
 
     def checkpoint(step: int) -> None:

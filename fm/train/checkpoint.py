@@ -57,6 +57,14 @@ def latest_checkpoint(root: Path) -> Path | None:
     return steps[-1] if steps else None
 
 
+def clear_checkpoints(root: Path) -> bool:
+    """Remove every step folder under root; True if there was any."""
+    steps = [p for p in root.iterdir() if STEP_DIR.match(p.name)] if root.is_dir() else []
+    for p in steps:
+        shutil.rmtree(p, ignore_errors=True)
+    return bool(steps)
+
+
 def rng_state() -> dict:
     return {"torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()}
 
