@@ -24,16 +24,14 @@ Timing is interleaved: for every repeat, each (model, mode) runs `--warmup` unti
 mode): the median step time over all timed steps -> tokens/s, and MFU = flops_per_token *
 tokens/s / peak, where flops_per_token = 6 N + 12 L d T (PaLM / nanoGPT; N = the weights a token
 multiplies by = non-embedding parameters + LM head, counted from each model's actual parameters)
-and peak = the largest of the fp32 (bf16 on CUDA) matmul FLOP/s measured before the first repeat,
-after every repeat and at the end (fm.train.loop.measure_matmul_peak). The load average before and
-after is recorded: compare only runs made in one invocation. JSON goes to bench/results/train.json.
+and peak = the median of the fp32 (bf16 on CUDA) matmul FLOP/s measured before the first timed block
+and after every one (fm.train.loop.measure_matmul_peak; MFU against their max is printed too). The
+load average before and after, and each row's CPU share (process CPU time / wall time / threads),
+are recorded: compare only runs made in one invocation. JSON goes to bench/results/train.json.
 
-Peers, installed without moving fm's pins (litgpt 0.5.13 asks for huggingface-hub<1.4, which
-its model and config modules never import):
-
-    .venv/bin/pip install transformers "lightning>=2.6.1" "jsonargparse[signatures]>=4.37,<=4.41" \
-        -c <(printf 'torch==2.13.0\nnumpy==2.4.6\npandas==3.1.1\npyarrow==26.0.1\ntokenizers==0.23.3\nsafetensors==0.8.0\nhuggingface-hub==2.4.0\npackaging==26.4\nfsspec==2026.9.0\n')
-    .venv/bin/pip install --no-deps litgpt==0.5.13
+Peers: transformers and litgpt, installed without moving fm's pins by the two commands in
+bench/README.md (litgpt 0.5.13 with --no-deps: it asks for huggingface-hub<1.4, yet imports and
+trains with fm's 2.4.0).
 
 On a GPU: `--device cuda --preset base` (~124M: 12 x 768, seq 1024, vocab 50304; GPT-2 small peers).
 """
@@ -81,7 +79,8 @@ def build_hf(cfg: ModelConfig) -> tuple[nn.Module, callable]:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     hf_cfg = GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.seq_len, n_embd=cfg.d_model, n_layer=cfg.n_layer,
-                        n_head=cfg.n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, use_cache=False)
+                        n_head=cfg.n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, use_cache=False,
+                        bos_token_id=cfg.vocab_size - 1, eos_token_id=cfg.vocab_size - 1)
     model = GPT2LMHeadModel(hf_cfg)
 
     def loss_of(m, x, y):
@@ -215,6 +214,66 @@ def version(package: str) -> str | None:
         return None
 
 
+def run_interleaved(runners: list[Runner], batches: list, args, device: torch.device, peak_dtype) -> list[float]:
+    """`--repeats` rounds of every runner's warmup + timed steps, order rotated each round; returns the
+    matmul peaks measured before the first runner and after every one (half a second each)."""
+    peaks = [measure_matmul_peak(device, peak_dtype)]
+    for rep in range(args.repeats):
+        k = rep % len(runners)
+        for runner in runners[k:] + runners[:k]:
+            runner.run(batches, args.warmup, timed=False)
+            runner.run(batches, args.steps, timed=True)
+            peaks.append(measure_matmul_peak(device, peak_dtype))
+        latest = ", ".join(f"{p / 1e9:.0f}" for p in peaks[-len(runners):])
+        print(f"  repeat {rep + 1}/{args.repeats}: matmul peaks {latest} GFLOP/s, load {os.getloadavg()[0]:.2f}")
+    return peaks
+
+
+def summarize(runner: Runner, cfg: ModelConfig, args, peak: float, peak_max: float) -> dict:
+    """One row of the report: median step time -> tokens/s and MFU (against the median and the max peak)."""
+    flops_per_token = 6 * runner.matmul_params + 12 * cfg.n_layer * cfg.d_model * cfg.seq_len
+    step_s = statistics.median(runner.times)
+    tokens_per_s = args.batch_size * cfg.seq_len / step_s
+    k = args.steps
+    return dict(model=runner.name, mode=runner.mode, params=runner.n_params, matmul_params=runner.matmul_params,
+                flops_per_token=flops_per_token, step_s=step_s, step_s_min=min(runner.times),
+                step_s_per_repeat=[statistics.median(runner.times[i * k:(i + 1) * k]) for i in range(args.repeats)],
+                # CPU time of this process over wall time x threads: well under 1 when the cores were shared
+                cpu_share=sum(runner.cpu_times) / sum(runner.times) / torch.get_num_threads(),
+                tokens_per_s=tokens_per_s, mfu=flops_per_token * tokens_per_s / peak,
+                mfu_at_max_peak=flops_per_token * tokens_per_s / peak_max, setup_s=runner.setup_s,
+                last_loss=runner.losses[-1])
+
+
+def fm_ratios(rows: list[dict]) -> dict[str, dict]:
+    """fm's tokens/s over each peer's, per mode: over all timed steps, and repeat by repeat."""
+    ratios = {}
+    for fm_row in (r for r in rows if r["model"] == "fm"):
+        for row in rows:
+            if row["mode"] == fm_row["mode"] and row["model"] != "fm":
+                per_repeat = [p / f for f, p in zip(fm_row["step_s_per_repeat"], row["step_s_per_repeat"])]
+                ratios[f"fm/{row['model']} {row['mode']}"] = dict(
+                    ratio=fm_row["tokens_per_s"] / row["tokens_per_s"], per_repeat=per_repeat,
+                    repeats_ahead=sum(r > 1 for r in per_repeat))
+    return ratios
+
+
+def print_report(rows: list[dict], ratios: dict, peaks: list[float], loads: tuple) -> None:
+    print(f"\n{'model':<8}{'mode':<9}{'N (M)':>7}{'step ms':>9}{'tokens/s':>10}{'MFU':>7}{'MFU@max':>9}"
+          f"{'cpu share':>11}   repeat medians (ms)")
+    for row in rows:
+        reps = " ".join(f"{s * 1e3:.0f}" for s in row["step_s_per_repeat"])
+        print(f"{row['model']:<8}{row['mode']:<9}{row['matmul_params'] / 1e6:>7.2f}{row['step_s'] * 1e3:>9.0f}"
+              f"{row['tokens_per_s']:>10.0f}{row['mfu']:>7.1%}{row['mfu_at_max_peak']:>9.1%}"
+              f"{row['cpu_share']:>11.2f}   {reps}")
+    print(f"\nMFU against the median matmul peak {statistics.median(peaks) / 1e9:.1f} GFLOP/s, MFU@max against the "
+          f"max {max(peaks) / 1e9:.1f} (all: {', '.join(f'{p / 1e9:.0f}' for p in peaks)})")
+    print(f"load average (1, 5, 15 min) before {loads[0]}, after {loads[1]}")
+    for name, r in ratios.items():
+        print(f"{name:<20} {r['ratio']:.3f}   per repeat {' '.join(f'{x:.2f}' for x in r['per_repeat'])}"
+              f"   (ahead in {r['repeats_ahead']}/{len(r['per_repeat'])})")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--repeats", type=int, default=3)
@@ -230,97 +289,55 @@ def main() -> None:
     args = ap.parse_args()
 
     device = torch.device(args.device)
-    cfg = PRESETS[args.preset or ("base" if device.type == "cuda" else "small")]
+    args.preset = args.preset or ("base" if device.type == "cuda" else "small")
+    cfg = PRESETS[args.preset]
     models = [m for m in args.models.split(",") if m]
     modes = [m for m in args.modes.split(",") if m]
     if unknown := (set(models) - set(MODELS)) | (set(modes) - set(MODES)):
         ap.error(f"unknown models or modes: {sorted(unknown)}")
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
-    torch.set_flush_denormal(True)  # a denormal-heavy init made peers 3-10x slower on this CPU
-    # bf16 on CUDA; fp32 on CPU, where (without AMX) bf16 matmuls run at ~0.55x fp32
+    torch.set_flush_denormal(True)  # a denormal-heavy init once made peers 3-10x slower on the CPU
+    # bf16 autocast on CUDA; fp32 on CPU, where (AVX-512 without AMX) bf16 matmuls run at ~0.55x fp32
     autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
     peak_dtype = autocast_dtype or torch.float32
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_info()
 
     load_before = os.getloadavg()
-    print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else cpu_info()}), "
-          f"torch {torch.__version__}, threads {torch.get_num_threads()}, load average {load_before}")
-    peaks = [measure_matmul_peak(device, peak_dtype)]
-    print(f"matmul peak ({peak_dtype}): {peaks[0] / 1e9:.1f} GFLOP/s")
-
+    print(f"{device} ({device_name}), torch {torch.__version__}, threads {torch.get_num_threads()}, "
+          f"preset {args.preset}, B {args.batch_size} x T {cfg.seq_len}, {peak_dtype}, load average {load_before}")
     batches = random_batches(4, args.batch_size, cfg, device)
     runners = []
     for name in models:
         for mode in modes:
             t = time.perf_counter()
             runner = Runner(name, mode, cfg, device, autocast_dtype)
-            runner.run(batches, 2, timed=False)  # compiles forward and backward when mode is compile
+            runner.run(batches, 2, timed=False)  # under compile: traces and compiles forward and backward
             runner.setup_s = time.perf_counter() - t
             print(f"  built {name}/{mode} in {runner.setup_s:.1f}s: {runner.n_params / 1e6:.2f}M params, "
                   f"N = {runner.matmul_params / 1e6:.2f}M")
             runners.append(runner)
-    if "fm" in models:  # our counter agrees with fm's own flops_per_token
-        fm_runner = next(r for r in runners if r.name == "fm")
-        assert 6 * fm_runner.matmul_params + 12 * cfg.n_layer * cfg.d_model * cfg.seq_len == cfg.flops_per_token()
+            if name == "fm" and 6 * runner.matmul_params + 12 * cfg.n_layer * cfg.d_model * cfg.seq_len \
+                    != cfg.flops_per_token():
+                raise RuntimeError("count_matmul_params disagrees with ModelConfig.flops_per_token")
 
-    for rep in range(args.repeats):
-        k = rep % len(runners)
-        for runner in runners[k:] + runners[:k]:
-            runner.run(batches, args.warmup, timed=False)
-            runner.run(batches, args.steps, timed=True)
-        peaks.append(measure_matmul_peak(device, peak_dtype))
-        print(f"  repeat {rep + 1}/{args.repeats} done; matmul peak {peaks[-1] / 1e9:.1f} GFLOP/s, "
-              f"load {os.getloadavg()[0]:.2f}")
-    peak = max(peaks)
-    load_after = os.getloadavg()
+    peaks = run_interleaved(runners, batches, args, device, peak_dtype)
+    loads = (load_before, os.getloadavg())
+    # The median peak is the denominator: on a shared machine the max of several measurements is a lucky burst.
+    rows = [summarize(r, cfg, args, statistics.median(peaks), max(peaks)) for r in runners]
+    ratios = fm_ratios(rows)
+    print_report(rows, ratios, peaks, loads)
 
-    tokens_per_step = args.batch_size * cfg.seq_len
-    rows = []
-    for r in runners:
-        flops_per_token = 6 * r.matmul_params + 12 * cfg.n_layer * cfg.d_model * cfg.seq_len
-        step_s = statistics.median(r.times)
-        per_repeat = [statistics.median(r.times[i * args.steps:(i + 1) * args.steps]) for i in range(args.repeats)]
-        tokens_per_s = tokens_per_step / step_s
-        rows.append(dict(model=r.name, mode=r.mode, params=r.n_params, matmul_params=r.matmul_params,
-                         flops_per_token=flops_per_token, step_s=step_s, step_s_min=min(r.times),
-                         step_s_per_repeat=per_repeat, cpu_s=statistics.median(r.cpu_times),
-                         cpu_share=sum(r.cpu_times) / sum(r.times) / torch.get_num_threads(), tokens_per_s=tokens_per_s,
-                         mfu=flops_per_token * tokens_per_s / peak, setup_s=r.setup_s, last_loss=r.losses[-1]))
-
-    # cpu share: CPU time of this process over wall time x threads; well under 1 means the cores were shared
-    print(f"\n{'model':<8}{'mode':<9}{'N (M)':>7}{'step ms':>9}{'tokens/s':>10}{'MFU':>7}{'cpu share':>11}   "
-          f"repeat medians (ms)")
-    for row in rows:
-        reps = " ".join(f"{s * 1e3:.0f}" for s in row["step_s_per_repeat"])
-        print(f"{row['model']:<8}{row['mode']:<9}{row['matmul_params'] / 1e6:>7.2f}{row['step_s'] * 1e3:>9.0f}"
-              f"{row['tokens_per_s']:>10.0f}{row['mfu']:>7.1%}{row['cpu_share']:>11.2f}   {reps}")
-    ratios = {}
-    for mode in modes:
-        fm_row = next((r for r in rows if r["model"] == "fm" and r["mode"] == mode), None)
-        for row in rows:
-            if fm_row and row["mode"] == mode and row["model"] != "fm":
-                ratios[f"fm/{row['model']} {mode}"] = fm_row["tokens_per_s"] / row["tokens_per_s"]
-    print(f"\npeak {peak / 1e9:.1f} GFLOP/s (max of {len(peaks)}: "
-          f"{', '.join(f'{p / 1e9:.0f}' for p in peaks)}); load average {load_before} -> {load_after}")
-    print("  ".join(f"{k} = {v:.3f}" for k, v in ratios.items()))
-
-    result = dict(device=str(device), device_name=torch.cuda.get_device_name(device) if device.type == "cuda"
-                  else cpu_info(), torch=torch.__version__, transformers=version("transformers"),
-                  litgpt=version("litgpt"), threads=torch.get_num_threads(), preset=args.preset or cfg_name(cfg),
-                  batch_size=args.batch_size, seq_len=cfg.seq_len, dtype=str(peak_dtype),
+    result = dict(device=str(device), device_name=device_name, torch=torch.__version__,
+                  transformers=version("transformers"), litgpt=version("litgpt"), threads=torch.get_num_threads(),
+                  env={k: v for k, v in os.environ.items() if k.startswith(("OMP_", "MKL_", "MALLOC_", "LD_PRELOAD"))},
+                  preset=args.preset, batch_size=args.batch_size, seq_len=cfg.seq_len, dtype=str(peak_dtype),
                   repeats=args.repeats, steps=args.steps, warmup=args.warmup,
-                  peak_flops=peak, peak_rule="max", peaks_flops=peaks,
-                  load_average_before=load_before, load_average_after=load_after, rows=rows, ratios=ratios)
+                  peak_flops=statistics.median(peaks), peak_rule="median", peaks_flops=peaks,
+                  load_average_before=loads[0], load_average_after=loads[1], rows=rows, ratios=ratios)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")
-
-
-def cfg_name(cfg: ModelConfig) -> str:
-    return next(k for k, v in PRESETS.items() if v == cfg)
 
 
 if __name__ == "__main__":
