@@ -13,7 +13,8 @@ Three models of one size (the `--preset` of fm.models.decoder.PRESETS; `small` =
           its embedding and LM head tied (as fm's and GPT-2's are) and GPT-2 init applied here
           (normal(0.02), attn.proj and mlp.proj scaled by 1/sqrt(2L)). litgpt's own pretrain script
           uses the GPT-NeoX small init instead; either keeps weights far from denormals.
-Every model trains with the same AdamW (fused where the device has it, else foreach; lr 3e-4,
+The peers' loss is F.cross_entropy on their logits, as fm's forward computes it (litgpt's pretrain
+splits it into 128-row chunks, which ran slower on the CPU). Every model trains with the same AdamW (fused where the device has it, else foreach; lr 3e-4,
 betas (0.9, 0.95), weight decay 0.1 on matrices) and gradient clipping at 1.0, on the same
 random-token batches (B, T) with next-token targets, fp32 on CPU (bf16 autocast on CUDA), with
 `--threads` intra-op threads and denormals flushed to zero. Each model runs eager and
@@ -27,7 +28,9 @@ multiplies by = non-embedding parameters + LM head, counted from each model's ac
 and peak = the median of the fp32 (bf16 on CUDA) matmul FLOP/s measured before the first timed block
 and after every one (fm.train.loop.measure_matmul_peak; MFU against their max is printed too). The
 load average before and after, and each row's CPU share (process CPU time / wall time / threads),
-are recorded: compare only runs made in one invocation. JSON goes to bench/results/train.json.
+are recorded: compare only runs made in one invocation. fm/peer ratios are printed from the medians,
+repeat by repeat, and from each one's fastest step (the least disturbed by other load). JSON goes to
+bench/results/train.json.
 
 Peers: transformers and litgpt, installed without moving fm's pins by the two commands in
 bench/README.md (litgpt 0.5.13 with --no-deps: it asks for huggingface-hub<1.4, yet imports and
@@ -46,6 +49,7 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from importlib import metadata
 from pathlib import Path
@@ -64,7 +68,7 @@ MODES = ("eager", "compile")
 LR, BETAS, WEIGHT_DECAY, GRAD_CLIP = 3e-4, (0.9, 0.95), 0.1, 1.0
 
 
-def build_fm(cfg: ModelConfig) -> tuple[nn.Module, callable]:
+def build_fm(cfg: ModelConfig) -> tuple[nn.Module, Callable]:
     """fm's Decoder and its loss: the model computes cross-entropy itself."""
     model = Decoder(cfg)
 
@@ -74,7 +78,7 @@ def build_fm(cfg: ModelConfig) -> tuple[nn.Module, callable]:
     return model, loss_of
 
 
-def build_hf(cfg: ModelConfig) -> tuple[nn.Module, callable]:
+def build_hf(cfg: ModelConfig) -> tuple[nn.Module, Callable]:
     """transformers' GPT2LMHeadModel of cfg's size, with its own (GPT-2) init; logits -> cross-entropy."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -90,7 +94,7 @@ def build_hf(cfg: ModelConfig) -> tuple[nn.Module, callable]:
     return model, loss_of
 
 
-def build_litgpt(cfg: ModelConfig) -> tuple[nn.Module, callable]:
+def build_litgpt(cfg: ModelConfig) -> tuple[nn.Module, Callable]:
     """litgpt's GPT in its LLaMA-like form at cfg's size, head tied to the embedding, GPT-2 init."""
     from litgpt.config import Config
     from litgpt.model import GPT
@@ -133,7 +137,7 @@ def count_matmul_params(model: nn.Module) -> int:
     return n + (heads[0].weight.numel() if id(heads[0].weight) in embeddings else 0)
 
 
-def build_optimizer(model: nn.Module, device: torch.device) -> torch.optim.AdamW:
+def build_optimizer(model: nn.Module) -> torch.optim.AdamW:
     """The same AdamW for every model: matrices decay, vectors do not; fused kernel where available."""
     params = list({id(p): p for p in model.parameters()}.values())
     groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": WEIGHT_DECAY},
@@ -154,7 +158,7 @@ class Runner:
         self.name, self.mode, self.device = name, mode, device
         self.n_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
         self.matmul_params = count_matmul_params(model)
-        self.optimizer = build_optimizer(model, device)
+        self.optimizer = build_optimizer(model)
         self.forward = torch.compile(model) if mode == "compile" else model
         self.autocast = (lambda: torch.autocast(device.type, dtype=autocast_dtype)) if autocast_dtype else nullcontext
         self.times: list[float] = []  # wall seconds per timed step
@@ -197,6 +201,7 @@ def random_batches(n: int, batch_size: int, cfg: ModelConfig, device: torch.devi
 
 
 def cpu_info() -> str:
+    """CPU model name and the vector ISA flags that decide fp32 vs bf16 speed."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -208,6 +213,7 @@ def cpu_info() -> str:
 
 
 def version(package: str) -> str | None:
+    """Installed version of a package, None when it is missing."""
     try:
         return metadata.version(package)
     except metadata.PackageNotFoundError:
@@ -246,7 +252,8 @@ def summarize(runner: Runner, cfg: ModelConfig, args, peak: float, peak_max: flo
 
 
 def fm_ratios(rows: list[dict]) -> dict[str, dict]:
-    """fm's tokens/s over each peer's, per mode: over all timed steps, and repeat by repeat."""
+    """fm's tokens/s over each peer's, per mode: median over all timed steps, repeat by repeat, and at the
+    fastest step of each (contention only ever adds time, so the best step is the least disturbed)."""
     ratios = {}
     for fm_row in (r for r in rows if r["model"] == "fm"):
         for row in rows:
@@ -254,24 +261,24 @@ def fm_ratios(rows: list[dict]) -> dict[str, dict]:
                 per_repeat = [p / f for f, p in zip(fm_row["step_s_per_repeat"], row["step_s_per_repeat"])]
                 ratios[f"fm/{row['model']} {row['mode']}"] = dict(
                     ratio=fm_row["tokens_per_s"] / row["tokens_per_s"], per_repeat=per_repeat,
-                    repeats_ahead=sum(r > 1 for r in per_repeat))
+                    repeats_ahead=sum(r > 1 for r in per_repeat), best_step=row["step_s_min"] / fm_row["step_s_min"])
     return ratios
 
 
 def print_report(rows: list[dict], ratios: dict, peaks: list[float], loads: tuple) -> None:
-    print(f"\n{'model':<8}{'mode':<9}{'N (M)':>7}{'step ms':>9}{'tokens/s':>10}{'MFU':>7}{'MFU@max':>9}"
+    print(f"\n{'model':<8}{'mode':<9}{'N (M)':>7}{'step ms':>9}{'best ms':>9}{'tokens/s':>10}{'MFU':>7}{'MFU@max':>9}"
           f"{'cpu share':>11}   repeat medians (ms)")
     for row in rows:
         reps = " ".join(f"{s * 1e3:.0f}" for s in row["step_s_per_repeat"])
         print(f"{row['model']:<8}{row['mode']:<9}{row['matmul_params'] / 1e6:>7.2f}{row['step_s'] * 1e3:>9.0f}"
-              f"{row['tokens_per_s']:>10.0f}{row['mfu']:>7.1%}{row['mfu_at_max_peak']:>9.1%}"
-              f"{row['cpu_share']:>11.2f}   {reps}")
+              f"{row['step_s_min'] * 1e3:>9.0f}{row['tokens_per_s']:>10.0f}{row['mfu']:>7.1%}"
+              f"{row['mfu_at_max_peak']:>9.1%}{row['cpu_share']:>11.2f}   {reps}")
     print(f"\nMFU against the median matmul peak {statistics.median(peaks) / 1e9:.1f} GFLOP/s, MFU@max against the "
           f"max {max(peaks) / 1e9:.1f} (all: {', '.join(f'{p / 1e9:.0f}' for p in peaks)})")
     print(f"load average (1, 5, 15 min) before {loads[0]}, after {loads[1]}")
     for name, r in ratios.items():
-        print(f"{name:<20} {r['ratio']:.3f}   per repeat {' '.join(f'{x:.2f}' for x in r['per_repeat'])}"
-              f"   (ahead in {r['repeats_ahead']}/{len(r['per_repeat'])})")
+        print(f"{name:<20} {r['ratio']:.3f}   best step {r['best_step']:.3f}   per repeat "
+              f"{' '.join(f'{x:.2f}' for x in r['per_repeat'])} (ahead in {r['repeats_ahead']}/{len(r['per_repeat'])})")
 
 
 def main() -> None:
