@@ -14,11 +14,12 @@ Three models of one size (the `--preset` of fm.models.decoder.PRESETS; `small` =
           (normal(0.02), attn.proj and mlp.proj scaled by 1/sqrt(2L)). litgpt's own pretrain script
           uses the GPT-NeoX small init instead; either keeps weights far from denormals.
 The peers' loss is F.cross_entropy on their logits, as fm's forward computes it (litgpt's pretrain
-splits it into 128-row chunks, which ran slower on the CPU). Every model trains with the same AdamW (fused where the device has it, else foreach; lr 3e-4,
-betas (0.9, 0.95), weight decay 0.1 on matrices) and gradient clipping at 1.0, on the same
-random-token batches (B, T) with next-token targets, fp32 on CPU (bf16 autocast on CUDA), with
-`--threads` intra-op threads and denormals flushed to zero. Each model runs eager and
-torch.compile'd (the whole model; compiled and warmed up before any timing).
+splits it into 128-row chunks, which ran slower on the CPU). Every model trains with the same AdamW
+(fused where the device has it, else foreach; lr 3e-4, betas (0.9, 0.95), weight decay 0.1 on
+matrices) and gradient clipping at 1.0, on the same random-token batches (B, T) with next-token
+targets, fp32 on CPU (bf16 autocast on CUDA), with `--threads` intra-op threads and denormals
+flushed to zero. Each model runs eager and torch.compile'd (the whole model; compiled and warmed up
+before any timing).
 
 Timing is interleaved: for every repeat, each (model, mode) runs `--warmup` untimed then
 `--steps` timed optimizer steps, the order rotating by one every repeat. Reported per (model,
