@@ -5,7 +5,8 @@ The sample is a small, real, multilingual (English + Chinese) corpus in all four
 laid out per the "raw corpus contract" that ``fm ingest`` reads (see data/README.md):
 
     text/        python-docs.jsonl, python-docs/*.txt, fortunes.jsonl, tang-poems.jsonl
-    code/        cpython/Lib/**/*.py (CPython standard library), cpython-include.jsonl (C headers)
+    code/        cpython-lib.jsonl (CPython standard library, one record per .py file),
+                 cpython/Lib/**/*.py (3 small stdlib files kept as files), cpython-include.jsonl (C headers)
     image_text/  openclipart/, fashion-mnist/, noto-emoji/  (manifest.jsonl + PNGs each)
     triples/     wordnet.tsv, countries.jsonl
 
@@ -73,6 +74,7 @@ DEFAULTS = {
     "tang_poems": 8000,
     "code_bytes": 3_000_000,
     "code_max_file_bytes": 150_000,
+    "code_files": 3,  # stdlib files kept as .py files; the rest of the code sample is jsonl
     "c_headers": 20,
     "clipart": 400,
     "fashion": 400,
@@ -102,6 +104,14 @@ def write_jsonl(path: Path, records) -> int:
             f.write(json.dumps(r, **JSON_KW) + "\n")
             n += 1
     return n
+
+
+def is_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def clear(*paths: Path) -> None:
@@ -221,7 +231,7 @@ def build_tang_poems(out: Path, n: dict, rng: random.Random, poetry: str | None)
 
 
 def build_code(out: Path, n: dict, rng: random.Random) -> dict:
-    """Python files of this interpreter's standard library, plus a few C headers as jsonl."""
+    """This interpreter's standard library as code jsonl (a few files kept as files), plus C headers."""
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     include = Path(sysconfig.get_paths()["include"])
     require(stdlib / "os.py", "a CPython installation (run this script with it)")
@@ -238,20 +248,36 @@ def build_code(out: Path, n: dict, rng: random.Random) -> dict:
         if 0 < size <= n["code_max_file_bytes"] and used + size <= n["code_bytes"]:
             chosen.append(p)
             used += size
-    dst_root, jsonl = out / "code" / "cpython", out / "code" / "cpython-include.jsonl"
-    clear(dst_root, jsonl)
-    for p in sorted(chosen):
+    chosen.sort()
+    contents = {p: p.read_bytes() for p in chosen}
+    # As .py files in the tree, 200 stdlib modules pass for fm's own code with grep, linters and
+    # IDEs, so the sample goes out as jsonl. A file that is not UTF-8 cannot be a JSON string and
+    # stays a file; the smallest others make up `code_files`, which exercise ingest's file path.
+    not_utf8 = [p for p in chosen if not is_utf8(contents[p])]
+    smallest = sorted((p for p in chosen if p not in not_utf8), key=lambda p: (len(contents[p]), p))
+    as_files = set(not_utf8 + smallest[: max(0, n["code_files"] - len(not_utf8))])
+    dst_root = out / "code" / "cpython"
+    lib_jsonl, include_jsonl = out / "code" / "cpython-lib.jsonl", out / "code" / "cpython-include.jsonl"
+    clear(dst_root, lib_jsonl, include_jsonl)
+    for p in sorted(as_files):
         dst = dst_root / "Lib" / p.relative_to(stdlib)
         dst.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(p, dst)
+    lib_count = write_jsonl(
+        lib_jsonl,
+        # Decoded from the bytes, not read_text(), whose universal newlines would turn \r\n into \n.
+        ({"content": contents[p].decode("utf-8"), "path": f"Lib/{p.relative_to(stdlib).as_posix()}",
+          "language": "python", "source": "cpython"} for p in chosen if p not in as_files),
+    )
     headers = sorted(p for p in include.rglob("*.h") if p.is_file()) if include.is_dir() else []
     hsel = sorted(rng.sample(headers, min(n["c_headers"], len(headers))))
     count = write_jsonl(
-        jsonl,
+        include_jsonl,
         ({"content": p.read_text(encoding="utf-8", errors="surrogateescape"),
           "path": f"Include/{p.relative_to(include)}", "language": "c"} for p in hsel),
     )
-    return {"code/cpython/**/*.py [python]": len(chosen), "code/cpython-include.jsonl [c]": count}
+    return {"code/cpython-lib.jsonl [python]": lib_count, "code/cpython/Lib/**/*.py [python]": len(as_files),
+            "code/cpython-include.jsonl [c]": count}
 
 
 # --------------------------------------------------------------------------- image_text

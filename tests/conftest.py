@@ -145,10 +145,13 @@ def build_sample_shards(workdir: Path, docs_per_source: int = 150, vocab_size: i
             text_rows.append({"id": content_id("text", t), "modality": "text", "source": name.split(".")[0], "source_file": f"text/{name}",
                               "position": i + 1, "lang": lang, "text": t, "n_bytes": len(t.encode()), "meta": None})
     code_rows = []
-    for i, path in enumerate(sorted((raw / "code" / "cpython").rglob("*.py"))[:12]):
-        t = path.read_text(encoding="utf-8")
-        code_rows.append({"id": content_id("code", t), "modality": "code", "source": "cpython", "source_file": str(path.relative_to(raw)),
-                          "position": 0, "lang": "python", "text": t, "n_bytes": len(t.encode()), "meta": None})
+    # Split on "\n" as ingest does: str.splitlines() would also split on U+2028 inside a record.
+    lines = (raw / "code" / "cpython-lib.jsonl").read_text(encoding="utf-8").split("\n")[:12]
+    for i, line in enumerate(lines):
+        rec = json.loads(line)
+        t = rec["content"]
+        code_rows.append({"id": content_id("code", t), "modality": "code", "source": rec["source"], "source_file": "code/cpython-lib.jsonl",
+                          "position": i + 1, "lang": rec["language"], "text": t, "n_bytes": len(t.encode()), "meta": None})
     pq.write_table(pa.Table.from_pylist(text_rows, schema=SCHEMAS["text"]), paths.curated / "text.parquet")
     pq.write_table(pa.Table.from_pylist(code_rows, schema=SCHEMAS["code"]), paths.curated / "code.parquet")
     train_tokenizer(TokenizeConfig(vocab_size=vocab_size, min_frequency=2), paths)

@@ -1,4 +1,0 @@
-from . import load_tests
-import unittest
-
-unittest.main()

@@ -1,1 +1,0 @@
-attr = 'both_portions foo two'

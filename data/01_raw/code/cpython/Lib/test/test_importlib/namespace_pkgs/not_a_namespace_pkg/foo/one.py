@@ -1,1 +1,0 @@
-attr = 'portion1 foo one'

@@ -1,3 +1,0 @@
-from __future__ import annotations
-
-def foo(a, b, c):  pass

@@ -1,2 +1,0 @@
-﻿#coding: utf8
-print('我')
