@@ -1,12 +1,16 @@
 """The `fm` command line.
 
-    fm ingest | validate | curate | tokenize | shard   run one stage (what dvc.yaml calls)
-    fm run                                            the whole pipeline as a Prefect flow
-    fm stages                                         list the stages in order
-    fm plan                                           rank map and memory per rank of the pretrain layout
+    fm ingest | validate | curate | tokenize | shard | pretrain   run one stage (what dvc.yaml calls)
+    fm run                                       the pipeline as a Prefect flow (ephemeral API)
+    fm serve                                     Prefect server + deployments (UI reruns, schedule)
+    fm stages                                    the stages, their upstream stages and params sections
+    fm plan                                      rank map and memory per rank of the pretrain layout
+    fm dvc-yaml                                  write (or --check) dvc.yaml from the stage table
+    fm registry                                  rebuild the run registry (fm.duckdb) from the outputs
 
-Every command takes --raw DIR, --workdir DIR, --params FILE and repeatable
---set section.key=value overrides; params.yaml stays the single source of settings.
+Every command takes --raw DIR, --workdir DIR, --params FILE and repeatable --set
+section.key=value overrides; params.yaml stays the single source of settings. Default paths
+are those of the project (the folder holding dvc.yaml) around the current directory.
 """
 
 from __future__ import annotations
@@ -18,73 +22,92 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
-from fm.config import load_params
+from fm.config import describe_section, load_params
+from fm.dvcstate import DVC_PARAMS, DVC_RAW, DVC_WORKDIR, RunContext, find_root
 from fm.paths import Paths
+from fm.summary import print_summary
 
 app = typer.Typer(
-    help="fm: a foundation-model factory. Raw corpora in; tokenizer and token shards out (more stages to come).",
+    help="fm: a foundation-model factory. Raw corpora in; curated data, tokenizer, token shards and a "
+         "pretrained model out, through one pipeline that Prefect (fm run, fm serve) and DVC (dvc repro) both run.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
 console = Console(stderr=True)
 
-RawOpt = Annotated[Path, typer.Option("--raw", help="Raw corpus folder (text/, code/, image_text/, triples/).")]
-WorkdirOpt = Annotated[Path, typer.Option("--workdir", help="Where layers 02_ingested .. 08_reports are written.")]
-ParamsOpt = Annotated[Path, typer.Option("--params", help="The params file: one section per stage.")]
+RawOpt = Annotated[Optional[Path], typer.Option("--raw", help=f"Raw corpus folder (text/, code/, image_text/, triples/). [default: <project>/{DVC_RAW}]", show_default=False)]
+WorkdirOpt = Annotated[Optional[Path], typer.Option("--workdir", help=f"Where layers 02_ingested .. 08_reports are written. [default: <project>/{DVC_WORKDIR}]", show_default=False)]
+ParamsOpt = Annotated[Optional[Path], typer.Option("--params", help=f"The params file: one section per stage. [default: <project>/{DVC_PARAMS}]", show_default=False)]
 SetOpt = Annotated[
     Optional[list[str]],
-    typer.Option("--set", help="Override a setting, e.g. --set curate.jaccard_threshold=0.7 (repeatable)."),
+    typer.Option("--set", help="Override a setting for this run, e.g. --set curate.jaccard_threshold=0.7 or "
+                               "--set pretrain.model.n_layer=2 (repeatable)."),
 ]
+
+
+def run_context(raw: Path | None, workdir: Path | None, params: Path | None, overrides: list[str] | None) -> RunContext:
+    """Fill unset paths from the project around the current directory (else the current directory)."""
+    root = find_root(Path.cwd()) or Path.cwd()
+    rel = lambda p: os.path.relpath(p) if Path(p).is_absolute() and Path(p).is_relative_to(Path.cwd()) else str(p)  # noqa: E731
+    return RunContext(rel(raw or root / DVC_RAW), rel(workdir or root / DVC_WORKDIR), rel(params or root / DVC_PARAMS),
+                      tuple(overrides or ()))
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from fm.data.ingest import CorpusError
     from fm.data.validate import ValidationGateError
+    from fm.lock import WorkdirBusy
 
-    return (CorpusError, ValidationGateError, FileNotFoundError, ValueError)
-
-
-def print_summary(summary: dict) -> None:
-    """Per-modality counts of one stage as a table, then its other figures on one line."""
-    counts = summary.get("counts") or {}
-    if counts:
-        columns = list(dict.fromkeys(k for c in counts.values() for k in c))
-        table = Table(title=f"{summary['stage']} ({summary.get('seconds', 0):.1f} s)", title_justify="left")
-        table.add_column("modality")
-        for col in columns:
-            table.add_column(col, justify="right")
-        for modality, c in counts.items():
-            table.add_row(modality, *(f"{c.get(col, '')}" for col in columns))
-        console.print(table)
-    else:
-        console.print(f"[bold]{summary['stage']}[/] ({summary.get('seconds', 0):.1f} s)")
-    extras = {k: v for k, v in summary.items() if k not in ("stage", "counts", "seconds", "outputs", "stats")}
-    if extras:
-        console.print("  " + "  ".join(f"{k}={v}" for k, v in extras.items()))
-    for out in summary.get("outputs", []):
-        console.print(f"  -> {out}", style="dim")
+    return (CorpusError, ValidationGateError, FileNotFoundError, ValueError, WorkdirBusy)
 
 
-def _stage_command(name: str, help_text: str):
-    def command(
-        raw: RawOpt = Path("data/01_raw"),
-        workdir: WorkdirOpt = Path("data"),
-        params: ParamsOpt = Path("params.yaml"),
-        overrides: SetOpt = None,
-    ) -> None:
-        from fm.stages import run_stage
-
+def _params_epilog(stage) -> str:
+    """The params keys a stage reads, with their values and comments from params.yaml."""
+    root = find_root(Path.cwd()) or Path.cwd()
+    lines = []
+    for section in stage.sections:
         try:
-            summary = run_stage(name, load_params(params, overrides or []), Paths(raw, workdir))
+            described = describe_section(section, root / DVC_PARAMS)
+        except ValueError:  # a broken params.yaml must not break --help
+            described = describe_section(section, Path("/nonexistent"))
+        for key, value, comment in described:
+            lines.append(f"  {section}.{key} = {value!r}" + (f"   # {comment}" if comment else ""))
+    ups = ", ".join(stage.upstream) or "none"
+    return (f"Upstream stages: {ups}.  Settings read (params.yaml; override with --set section.key=value):\n\n"
+            + "\n".join(lines))
+
+
+def _stage_command(name: str):
+    from fm.stages import STAGES
+
+    stage = STAGES[name]
+
+    def command(
+        raw: RawOpt = None,
+        workdir: WorkdirOpt = None,
+        params: ParamsOpt = None,
+        overrides: SetOpt = None,
+        force: bool = False,
+    ) -> None:
+        from fm.lock import workdir_lock
+        from fm.runner import execute_stage
+
+        ctx = run_context(raw, workdir, params, overrides)
+        try:
+            ctx.params()
+            with workdir_lock(ctx.workdir, f"fm {name}"):
+                summary = execute_stage(name, ctx, force=force, skip_current=False)
         except _user_errors() as e:
             console.print(f"[red]error[/] ({name}): {e}", soft_wrap=True)
             raise typer.Exit(1)
-        print_summary(summary)
+        print_summary(summary, console)
 
-    command.__doc__ = help_text
+    command.__doc__ = stage.help
+    # --force only means something for a training stage (a data stage run by hand always runs)
+    command.__annotations__["force"] = Annotated[bool, typer.Option(
+        "--force", help="Train from scratch (existing checkpoints are set aside).", hidden=not stage.trains)]
     return command
 
 
@@ -92,49 +115,123 @@ def _register_stage_commands() -> None:
     from fm.stages import STAGES
 
     for stage in STAGES.values():
-        app.command(name=stage.name, help=stage.help)(_stage_command(stage.name, stage.help))
+        app.command(name=stage.name, help=stage.help, epilog=_params_epilog(stage),
+                    context_settings={"max_content_width": 160})(_stage_command(stage.name))
 
 
 @app.command("stages")
 def list_stages() -> None:
-    """List the pipeline stages in order."""
+    """List the pipeline stages in order, with their upstream stages and params sections."""
     from fm.stages import STAGES
 
     for stage in STAGES.values():
-        typer.echo(f"{stage.name:10s} {stage.help}")
+        ups = ",".join(stage.upstream) or "-"
+        typer.echo(f"{stage.name:10s} after {ups:10s} params {','.join(stage.sections):10s} {stage.help}")
 
 
 @app.command("run")
 def run(
-    raw: RawOpt = Path("data/01_raw"),
-    workdir: WorkdirOpt = Path("data"),
-    params: ParamsOpt = Path("params.yaml"),
+    raw: RawOpt = None,
+    workdir: WorkdirOpt = None,
+    params: ParamsOpt = None,
     overrides: SetOpt = None,
     stages: Annotated[Optional[list[str]], typer.Option("--stage", help="Run only these stages (repeatable).")] = None,
-    from_stage: Annotated[Optional[str], typer.Option("--from", help="Run from this stage to the end.")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Rerun stages that dvc.lock records as up to date.")] = False,
+    from_stage: Annotated[Optional[str], typer.Option("--from", help="Run this stage and everything downstream of it.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Rerun stages that dvc.lock records as up to date; training stages start from scratch.")] = False,
 ) -> None:
-    """Run the pipeline as a Prefect flow (ephemeral local API: no server to start)."""
+    """Run the pipeline as a Prefect flow (ephemeral local API: no server to start).
+
+    Stages that dvc.lock records as up to date (same code, params and inputs) are skipped; a --set
+    override reruns only the stages whose params sections it changes (and what is downstream of them)."""
+    from fm.stages import validate_names
+
+    ctx = run_context(raw, workdir, params, overrides)
+    try:  # fail on a bad stage name or setting before Prefect starts
+        validate_names(list(stages or []) + ([from_stage] if from_stage else []))
+        ctx.params()
+    except ValueError as e:
+        console.print(f"[red]error[/]: {e}", soft_wrap=True)
+        raise typer.Exit(1)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("DO_NOT_TRACK", "1")
     from flows.pipeline import pipeline
 
     try:
-        load_params(params, overrides or [])  # fail on a bad setting before Prefect starts
-        summaries = pipeline(raw=str(raw), workdir=str(workdir), params_file=str(params),
-                             overrides=list(overrides or []), stages=stages, from_stage=from_stage, force=force)
+        summaries = pipeline(raw=ctx.raw, workdir=ctx.workdir, params_file=ctx.params_file,
+                             overrides=list(ctx.overrides), stages=stages, from_stage=from_stage, force=force)
     except _user_errors() as e:
         console.print(f"[red]error[/]: {e}", soft_wrap=True)
         raise typer.Exit(1)
     for summary in summaries:
-        print_summary(summary)
+        line = f"{summary['stage']:10s} {summary.get('status', 'ran'):8s}"
+        if summary.get("status") != "skipped":
+            line += f" {summary.get('seconds', 0):7.1f} s"
+        console.print(line + (f"  ({summary['note']})" if summary.get("note") else ""), soft_wrap=True)
+
+
+@app.command("serve")
+def serve(
+    raw: RawOpt = None,
+    workdir: WorkdirOpt = None,
+    params: ParamsOpt = None,
+    host: Annotated[str, typer.Option(help="Interface of the Prefect server fm starts (loopback unless you mean to expose it).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port of the Prefect server fm starts.")] = 4200,
+) -> None:
+    """Serve the pipeline in the Prefect UI: one deployment for the whole pipeline (on the cron
+    schedule of params.yaml's `schedule` section when enabled) and one per stage.
+
+    Connects to PREFECT_API_URL when it is set; otherwise starts a Prefect server on HOST:PORT and
+    prints the UI address. Ctrl-C stops the deployments (and the server fm started)."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    from flows.serve import serve_deployments
+
+    ctx = run_context(raw, workdir, params, None)
+    try:
+        schedule = ctx.params().schedule
+        serve_deployments(ctx, schedule, host=host, port=port, say=lambda m: console.print(m, soft_wrap=True))
+    except (ValueError, RuntimeError, OSError) as e:
+        console.print(f"[red]error[/] (serve): {e}", soft_wrap=True)
+        raise typer.Exit(1)
+
+
+@app.command("dvc-yaml")
+def dvc_yaml(
+    check: Annotated[bool, typer.Option("--check", help="Only compare: exit 1 when dvc.yaml differs from the stage table.")] = False,
+) -> None:
+    """Write dvc.yaml from the stage table (fm/stages.py): stages, code deps, params, outs, metrics, plots."""
+    from fm.dvcstate import render_dvc_yaml
+    from fm.io import atomic_path
+
+    root = find_root(Path.cwd()) or Path.cwd()
+    path, text = root / "dvc.yaml", render_dvc_yaml()
+    current = path.read_text(encoding="utf-8") if path.is_file() else ""
+    if check:
+        if current != text:
+            console.print(f"[red]{path} differs from the stage table[/]: run `fm dvc-yaml`")
+            raise typer.Exit(1)
+        console.print(f"{path} matches the stage table")
+        return
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    console.print(f"wrote {path}" + (" (unchanged)" if current == text else ""))
+
+
+@app.command("registry")
+def registry_cmd(workdir: WorkdirOpt = None) -> None:
+    """Rebuild the run registry (<workdir>/fm.duckdb) tables from the stage outputs, e.g. after `dvc pull`."""
+    from fm.registry import refresh
+
+    ctx = run_context(None, workdir, None, None)
+    built = refresh(ctx.paths)
+    console.print(f"{ctx.paths.duckdb}: rebuilt {', '.join(built) or 'no tables (no outputs yet)'}")
 
 
 @app.command("plan")
 def plan(
-    raw: RawOpt = Path("data/01_raw"),
-    workdir: WorkdirOpt = Path("data"),
-    params: ParamsOpt = Path("params.yaml"),
+    raw: RawOpt = None,
+    workdir: WorkdirOpt = None,
+    params: ParamsOpt = None,
     overrides: SetOpt = None,
 ) -> None:
     """Print the pretrain layout's rank map (dp, pp, tp), weight shards and estimated memory per rank."""
@@ -144,9 +241,10 @@ def plan(
     from fm.plan import plan as make_plan, print_plan
     from fm.recipes.pretrain import model_config
 
+    ctx = run_context(raw, workdir, params, overrides)
     try:
-        cfg = load_params(params, overrides or []).pretrain
-        manifest = Paths(raw, workdir).tokens / "shards" / "manifest.json"
+        cfg = ctx.params().pretrain
+        manifest = ctx.paths.tokens / "shards" / "manifest.json"
         if manifest.is_file():
             vocab = json.loads(manifest.read_text())["tokenizer"]["vocab_size"]
         else:  # before `fm shard`: the preset's vocabulary

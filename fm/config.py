@@ -7,6 +7,7 @@ Unknown sections or keys and out-of-range values raise ValueError naming the fil
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -157,10 +158,25 @@ class PretrainConfig:
             raise ValueError(f"pretrain.pp_schedule must be gpipe or 1f1b, got {self.pp_schedule!r}")
         if self.pp > 1 and self.batch_size % self.pp_microbatches:
             raise ValueError(f"pretrain.pp_microbatches ({self.pp_microbatches}) must divide batch_size ({self.batch_size})")
-        if self.warmup_steps < 0 or self.warmup_steps >= self.max_steps:
-            raise ValueError(f"pretrain.warmup_steps must be in [0, max_steps={self.max_steps}), got {self.warmup_steps}")
+        # warmup_steps >= max_steps is allowed (a short `dvc exp run -S pretrain.max_steps=10`): the
+        # schedule shortens the warmup and the summary records the one it used.
+        if self.warmup_steps < 0:
+            raise ValueError(f"pretrain.warmup_steps must be >= 0, got {self.warmup_steps}")
         if any(w < 0 for w in self.mix.values()):
             raise ValueError(f"pretrain.mix weights must be >= 0, got {self.mix}")
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """When `fm serve` runs the whole pipeline by itself (read by fm serve, not by a stage)."""
+
+    enabled: bool = False  # off by default: `fm serve` serves the deployments without a schedule
+    cron: str = "0 3 * * *"  # standard cron syntax, evaluated in `timezone`
+    timezone: str = "UTC"
+
+    def __post_init__(self):
+        if len(self.cron.split()) != 5:
+            raise ValueError(f"schedule.cron must have 5 fields (minute hour day month weekday), got {self.cron!r}")
 
 
 @dataclass(frozen=True)
@@ -171,15 +187,51 @@ class Params:
     tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
     shard: ShardConfig = field(default_factory=ShardConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
 
 
-def parse_override(text: str) -> tuple[str, str, object]:
-    """'section.key=value' -> (section, key, parsed value)."""
+def section_class(name: str) -> type:
+    """The dataclass of params section `name` (ValueError naming the known sections)."""
+    known = {f.name: f for f in dataclasses.fields(Params)}
+    if name not in known:
+        raise ValueError(f"unknown section '{name}' (known: {', '.join(known)})")
+    t = known[name].type
+    return t if isinstance(t, type) else globals()[t]
+
+
+def parse_override(text: str) -> tuple[str, list[str], object]:
+    """'section.key=value' or 'section.key.subkey=value' -> (section, key path, parsed value)."""
     if "=" not in text or "." not in text.split("=", 1)[0]:
         raise ValueError(f"override {text!r} must look like section.key=value")
     dotted, raw = text.split("=", 1)
-    section, key = dotted.split(".", 1)
-    return section, key, yaml.safe_load(raw)
+    section, *keys = dotted.split(".")
+    if not all(keys):
+        raise ValueError(f"override {text!r} must look like section.key=value")
+    return section, keys, yaml.safe_load(raw)
+
+
+def _apply_override(data: dict, text: str) -> None:
+    """Set one override in the raw params mapping; a nested key edits one entry of a dict setting."""
+    section, keys, value = parse_override(text)
+    values = data.setdefault(section, {})
+    if len(keys) == 1:
+        values[keys[0]] = value
+        return
+    cls = section_class(section)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    if keys[0] not in fields:
+        raise ValueError(f"unknown key(s) in section '{section}': {keys[0]}")
+    if keys[0] not in values:  # start from the code default of the dict setting
+        f = fields[keys[0]]
+        values[keys[0]] = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    target = values[keys[0]]
+    for key in keys[1:-1]:
+        if not isinstance(target, dict):
+            break
+        target = target.setdefault(key, {})
+    if not isinstance(target, dict):
+        raise ValueError(f"override {text!r}: {section}.{'.'.join(keys[:-1])} is not a mapping")
+    target[keys[-1]] = value
 
 
 def load_params(path: str | Path = "params.yaml", overrides: list[str] | tuple = ()) -> Params:
@@ -190,19 +242,36 @@ def load_params(path: str | Path = "params.yaml", overrides: list[str] | tuple =
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         if not isinstance(data, dict):
             raise ValueError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
-    data = {k: dict(v or {}) for k, v in data.items()}
-    for text in overrides:
-        section, key, value = parse_override(text)
-        data.setdefault(section, {})[key] = value
-    known = {f.name: f for f in dataclasses.fields(Params)}
+    data = copy.deepcopy({k: dict(v or {}) for k, v in data.items()})
     sections = {}
+    try:
+        for text in overrides:
+            _apply_override(data, text)
+        classes = {name: section_class(name) for name in data}
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
     for name, values in data.items():
-        if name not in known:
-            raise ValueError(f"{path}: unknown section '{name}' (known: {', '.join(known)})")
-        cls = known[name].type if isinstance(known[name].type, type) else globals()[known[name].type]
+        cls = classes[name]
         fields = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - fields)
         if unknown:
             raise ValueError(f"{path}: unknown key(s) in section '{name}': {', '.join(unknown)}")
         sections[name] = cls(**values)
     return Params(**sections)
+
+
+def describe_section(name: str, path: str | Path = "params.yaml") -> list[tuple[str, object, str]]:
+    """(key, value in the params file or the code default, the file's comment) for each setting of a
+    section: what `fm <stage> --help` lists."""
+    comments: dict[str, str] = {}
+    path = Path(path)
+    if path.is_file():
+        section = None
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if line and not line[0].isspace() and line.rstrip().endswith(":"):
+                section = line.strip()[:-1]
+            elif section == name and line.startswith("  ") and not line.startswith("   ") and ":" in line:
+                key, _, rest = line.strip().partition(":")
+                comments[key] = rest.partition(" #")[2].strip() if " #" in rest else ""
+    values = getattr(load_params(path), name)
+    return [(f.name, getattr(values, f.name), comments.get(f.name, "")) for f in dataclasses.fields(values)]

@@ -1,45 +1,154 @@
-"""Keep DVC's view of the pipeline in step when a stage ran outside `dvc repro`.
+"""DVC's view of the pipeline: dvc.yaml generated from the stage table, and dvc.lock kept in step.
 
-When Prefect (or `fm <stage>`) runs a stage with the same inputs dvc.yaml declares, the
-outputs are recorded with the equivalent of `dvc commit -f STAGE`, so `dvc status` and
-`dvc repro` agree that the stage is up to date and both doors share one notion of "stale".
-Runs on other paths or with --set overrides are not what dvc.yaml describes, and are left
-unrecorded.
+`dvc repro` runs the stages from dvc.yaml; `fm run` (Prefect) and `fm <stage>` run them too,
+and record what they ran with the equivalent of `dvc commit -f STAGE`, so that whichever door
+ran a stage, `dvc status` and `dvc repro` agree on what is up to date:
+
+- a stage is current when DVC says so (its code deps, params sections and inputs match
+  dvc.lock) and the run's effective settings for the sections it reads equal params.yaml's
+  (a `--set` override of one of them makes it stale for this run, and only it);
+- a stage that ran is recorded only when it ran with dvc.yaml's paths and params.yaml's
+  settings for its sections: an overridden run is never recorded as if params.yaml had made it.
+
+Paths are resolved against the project root (the folder holding dvc.yaml and .dvc/), found from
+the params file's folder upwards, so a run started from another directory sees the same state.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import threading
+from dataclasses import dataclass
 from pathlib import Path
 
-DVC_DEFAULTS = {"raw": "data/01_raw", "workdir": "data", "params_file": "params.yaml"}
+import yaml
+
+from fm.config import Params, load_params
+from fm.paths import Paths
+
+DVC_RAW, DVC_WORKDIR, DVC_PARAMS = "data/01_raw", "data", "params.yaml"
 log = logging.getLogger(__name__)
+# DVC serialises on a repo lock file; threads of one process (parallel DAG branches) take turns here.
+_dvc_mutex = threading.RLock()
 
 
-def matches_dvc_yaml(raw: str, workdir: str, params_file: str, overrides: list[str]) -> bool:
-    """True when a run used exactly the paths and params that dvc.yaml's stages use."""
-    given = {"raw": raw, "workdir": workdir, "params_file": params_file}
-    same = all(os.path.normpath(given[k]) == os.path.normpath(v) for k, v in DVC_DEFAULTS.items())
-    return same and not overrides and Path("dvc.yaml").is_file() and Path(".dvc").is_dir()
+def find_root(start: str | os.PathLike) -> Path | None:
+    """The nearest folder at or above `start` holding dvc.yaml and .dvc/ (None outside a DVC project)."""
+    here = Path(start).resolve()
+    for folder in (here, *here.parents):
+        if (folder / "dvc.yaml").is_file() and (folder / ".dvc").is_dir():
+            return folder
+    return None
 
 
-def record_stage(name: str, raw: str, workdir: str, params_file: str, overrides: list[str]) -> bool:
-    """Record `name`'s outputs in dvc.lock (dvc commit -f); False when the run is not dvc.yaml's."""
-    if os.environ.get("FM_NO_DVC_COMMIT") or not matches_dvc_yaml(raw, workdir, params_file, overrides):
+@dataclass(frozen=True)
+class RunContext:
+    """What a run was asked to do: its paths, params file and overrides (all as given)."""
+
+    raw: str
+    workdir: str
+    params_file: str
+    overrides: tuple[str, ...] = ()
+
+    @property
+    def paths(self) -> Paths:
+        return Paths(self.raw, self.workdir)
+
+    def params(self) -> Params:
+        return load_params(self.params_file, list(self.overrides))
+
+    @property
+    def root(self) -> Path | None:
+        params_dir = Path(self.params_file).resolve().parent
+        return find_root(params_dir)
+
+    def dvc_paths(self) -> bool:
+        """True when raw, workdir and params file are the ones dvc.yaml's stages use."""
+        root = self.root
+        if root is None or os.environ.get("FM_NO_DVC"):
+            return False
+        given = (Path(self.raw), Path(self.workdir), Path(self.params_file))
+        expected = (root / DVC_RAW, root / DVC_WORKDIR, root / DVC_PARAMS)
+        return all(g.resolve() == e for g, e in zip(given, expected))
+
+    def overridden_sections(self, sections: tuple[str, ...]) -> list[str]:
+        """The sections among `sections` whose effective settings differ from the params file's."""
+        if not self.overrides:
+            return []
+        base, effective = load_params(self.params_file), self.params()
+        return [s for s in sections if getattr(base, s) != getattr(effective, s)]
+
+    def tracked(self, name: str) -> tuple[bool, str]:
+        """Whether stage `name` of this run is what dvc.yaml describes; else why not (one line)."""
+        from fm.stages import STAGES
+
+        if not self.dvc_paths():
+            return False, "paths or params file differ from dvc.yaml's (or no DVC project)"
+        changed = self.overridden_sections(STAGES[name].sections)
+        if changed:
+            return False, f"--set overrides change params section(s) {', '.join(changed)}"
+        return True, ""
+
+
+def _target(root: Path, name: str) -> str:
+    return f"{root / 'dvc.yaml'}:{name}"
+
+
+def stage_is_current(ctx: RunContext, name: str) -> bool:
+    """Whether stage `name` can be skipped: what dvc.yaml describes, and DVC sees it up to date."""
+    tracked, _ = ctx.tracked(name)
+    if not tracked:
         return False
+    from dvc.repo import Repo
+
+    with _dvc_mutex, Repo(str(ctx.root)) as repo:
+        return not repo.status(targets=[_target(ctx.root, name)])
+
+
+def record_stage(ctx: RunContext, name: str) -> tuple[bool, str]:
+    """Record stage `name`'s deps, params and outs in dvc.lock (dvc commit -f); (done, why not)."""
+    tracked, why = ctx.tracked(name)
+    if not tracked:
+        return False, why
     os.environ.setdefault("DVC_NO_ANALYTICS", "1")
     from dvc.repo import Repo
 
-    with Repo(".") as repo:
-        repo.commit(name, force=True)
+    with _dvc_mutex, Repo(str(ctx.root)) as repo:
+        repo.commit(_target(ctx.root, name), force=True)
     log.info("recorded stage %s in dvc.lock", name)
-    return True
+    return True, ""
 
 
-def stage_is_current(name: str) -> bool:
-    """Whether DVC sees `name` as up to date (deps, params and outs match dvc.lock)."""
-    from dvc.repo import Repo
+# ---------------------------------------------------------------------------------------------
+# dvc.yaml, generated from the stage table
 
-    with Repo(".") as repo:
-        return not repo.status(targets=[name])
+HEADER = """\
+# Generated from the stage table in fm/stages.py by `fm dvc-yaml`: do not edit by hand
+# (tests/test_wiring.py fails when this file and the table disagree).
+# `dvc repro` runs each stage as `fm <stage>` (activate the venv first: `source .venv/bin/activate`).
+# Code deps are the fm modules each stage imports; params are whole params.yaml sections.
+"""
+
+
+def dvc_yaml_dict() -> dict:
+    from fm.stages import STAGES, resolve
+
+    paths = Paths(DVC_RAW, DVC_WORKDIR)
+    rel = lambda name: resolve(name, paths).as_posix()  # noqa: E731
+    stages = {}
+    for stage in STAGES.values():
+        entry: dict = {"desc": stage.help, "cmd": f"fm {stage.name}"}
+        entry["deps"] = [rel(d) for d in stage.deps] + list(stage.code_deps())
+        entry["params"] = list(stage.sections)
+        entry["outs"] = [rel(o) for o in stage.outs]
+        if stage.metrics:
+            entry["metrics"] = [rel(m) for m in stage.metrics]
+        if stage.plots:
+            entry["plots"] = [{rel(p): dict(props)} for p, props in stage.plots.items()]
+        stages[stage.name] = entry
+    return {"stages": stages}
+
+
+def render_dvc_yaml() -> str:
+    return HEADER + yaml.safe_dump(dvc_yaml_dict(), sort_keys=False, allow_unicode=True, width=120)

@@ -1,14 +1,25 @@
-"""The stage table: every pipeline stage, once, in order.
+"""The stage table: every pipeline stage, once, with everything the wiring needs.
 
-Each entry maps a stage name to the one function that does its work,
-`run(section_config, paths) -> summary dict`. The CLI (`fm <stage>`, what dvc.yaml runs) and
-the Prefect tasks (tasks/stages.py, what `fm run` runs) both call through this table, and a
-test checks that params.yaml, dvc.yaml, the CLI and the flow name the same stages.
+Each `Stage` names the one function that does its work, `run(*sections, paths) -> summary`,
+the stages it needs first, the params.yaml sections it reads (passed to it in that order),
+and its inputs and outputs under the work dir. Everything else follows from this table:
+
+    the Prefect flow (flows/pipeline.py)     a DAG: each stage waits for its upstream stages
+    the Prefect tasks (tasks/stages.py)      one generated task per stage
+    dvc.yaml (fm dvc-yaml)                   generated; code deps are the import closure of `run`
+    the CLI (fm <stage>)                     one command per stage; --help lists its params keys
+
+so adding a stage is one entry here, its function and its params section.
+
+Paths in `deps` / `outs` are relative to the work dir, except `raw` (the raw corpus folder).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+import inspect
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 from fm.config import Params
@@ -23,38 +34,107 @@ from fm.recipes.pretrain import pretrain
 
 @dataclass(frozen=True)
 class Stage:
-    name: str  # also the params.yaml section, the dvc.yaml stage, the CLI command and the task
-    run: Callable[..., dict]
+    name: str  # also its params.yaml section, dvc.yaml stage, CLI command, Prefect task
+    run: Callable[..., dict]  # run(*sections, paths) -> summary dict
     help: str
+    upstream: tuple[str, ...] = ()  # stages whose outputs it reads
+    sections: tuple[str, ...] = ()  # params sections it reads, in the order `run` takes them
+    deps: tuple[str, ...] = ()  # inputs: "raw" or paths under the work dir
+    outs: tuple[str, ...] = ()  # products, versioned by DVC
+    metrics: tuple[str, ...] = ()  # DVC metrics files (JSON) among its products
+    plots: dict = field(default_factory=dict)  # DVC plots: CSV/JSON file -> its x and y columns
+    retries: int = 0  # retries on I/O errors (stages that read user files)
+    trains: bool = False  # a training stage: --force trains from scratch (run(..., fresh=True))
+    tables: dict = field(default_factory=dict)  # registry tables (fm.duckdb) rebuilt from its outputs
 
+    @property
+    def module(self) -> str:
+        return self.run.__module__
+
+    def code_deps(self) -> tuple[str, ...]:
+        """The project-relative fm source files this stage executes (see fm/codedeps.py)."""
+        from fm.codedeps import module_files
+
+        return module_files(self.module)
+
+    def settings(self, params: Params) -> list:
+        return [getattr(params, s) for s in self.sections]
+
+
+MODEL_FILES = ("model.safetensors", "config.json", "tokenizer.json")
 
 STAGES: dict[str, Stage] = {
     s.name: s
     for s in (
-        Stage("ingest", ingest, "Read the raw corpus (text, code, image-caption pairs, triples) into Arrow tables."),
-        Stage("validate", validate, "Run Great Expectations suites; failing rows go to quarantine."),
-        Stage("curate", curate, "Exact and MinHash near-duplicate removal, quality filters, corpus statistics."),
-        Stage("tokenize", train_tokenizer, "Train the byte-level BPE tokenizer on the curated corpus."),
-        Stage("shard", write_shards, "Write token shards, Arrow document shards and the manifest."),
-        Stage("pretrain", pretrain, "Pretrain the decoder LM on the token shards (torchrun when pretrain.nproc > 1)."),
+        Stage("ingest", ingest, "Read the raw corpus (text, code, image-caption pairs, triples) into Arrow tables.",
+              sections=("ingest",), deps=("raw",), outs=("02_ingested",), retries=2),
+        Stage("validate", validate, "Run Great Expectations suites; failing rows go to quarantine.",
+              upstream=("ingest",), sections=("validate",), deps=("02_ingested",), outs=("03_validated",)),
+        Stage("curate", curate, "Exact and MinHash near-duplicate removal, quality filters, corpus statistics.",
+              upstream=("validate",), sections=("curate",), deps=("03_validated",),
+              outs=("04_curated", "quarantine.parquet"), tables={"corpus_stats": "04_curated/stats.parquet"}),
+        Stage("tokenize", train_tokenizer, "Train the byte-level BPE tokenizer on the curated corpus.",
+              upstream=("curate",), sections=("tokenize",), deps=("04_curated",), outs=("05_tokens/tokenizer.json",)),
+        Stage("shard", write_shards, "Write token shards, Arrow document shards and the manifest.",
+              upstream=("tokenize",), sections=("shard",), deps=("04_curated", "05_tokens/tokenizer.json"),
+              outs=("05_tokens/shards",)),
+        Stage("pretrain", pretrain, "Pretrain the decoder LM on the token shards (torchrun when pretrain.nproc > 1).",
+              upstream=("shard",), sections=("pretrain",), deps=("05_tokens/shards",),
+              outs=tuple(f"06_models/pretrain/{f}" for f in MODEL_FILES),
+              metrics=("06_models/pretrain/summary.json",), plots={"06_models/pretrain/loss.csv": {"x": "step", "y": "loss"}},
+              trains=True, tables={"pretrain_loss": "06_models/pretrain/loss.csv"}),
     )
 }
 
 
-def run_stage(name: str, params: Params, paths: Paths) -> dict:
-    """Run one stage with its own params section."""
-    stage = STAGES[name]
-    return stage.run(getattr(params, name), paths)
+def resolve(rel: str, paths: Paths) -> Path:
+    """A stage's dep/out name -> its path ("raw" is the raw corpus folder, the rest the work dir)."""
+    if rel == "raw" or rel.startswith("raw/"):
+        return paths.raw / rel[4:] if rel != "raw" else paths.raw
+    return paths.workdir / rel
+
+
+def check_table() -> None:
+    """The table is a DAG whose edges name real stages and real params sections (a test runs this)."""
+    sections = {f.name for f in dataclasses.fields(Params)}
+    for stage in STAGES.values():
+        for up in stage.upstream:
+            if up not in STAGES or list(STAGES).index(up) >= list(STAGES).index(stage.name):
+                raise ValueError(f"stage {stage.name}: upstream {up!r} must be a stage listed before it")
+        for s in stage.sections:
+            if s not in sections:
+                raise ValueError(f"stage {stage.name}: unknown params section {s!r}")
+        n_args = len(inspect.signature(stage.run).parameters)
+        if n_args < len(stage.sections) + 1:
+            raise ValueError(f"stage {stage.name}: {stage.run.__qualname__} must take {len(stage.sections)} sections and paths")
+
+
+def downstream(name: str) -> list[str]:
+    """`name` and every stage that (transitively) reads its outputs, in table order."""
+    out = {name}
+    for stage in STAGES.values():  # table order is a topological order
+        if out & set(stage.upstream):
+            out.add(stage.name)
+    return [n for n in STAGES if n in out]
+
+
+def validate_names(names: list[str] | None) -> None:
+    for name in names or []:
+        if name not in STAGES:
+            raise ValueError(f"unknown stage '{name}' (stages: {', '.join(STAGES)})")
 
 
 def select_stages(stages: list[str] | None = None, from_stage: str | None = None) -> list[str]:
-    """The stage names to run, in pipeline order: a subset, or everything from one stage on."""
-    names = list(STAGES)
-    for name in (stages or []) + ([from_stage] if from_stage else []):
-        if name not in STAGES:
-            raise ValueError(f"unknown stage '{name}' (stages: {', '.join(names)})")
-    if from_stage:
-        names = names[names.index(from_stage):]
+    """The stages to run, in table order: a subset, or one stage and everything downstream of it."""
+    validate_names(list(stages or []) + ([from_stage] if from_stage else []))
+    names = downstream(from_stage) if from_stage else list(STAGES)
     if stages:
         names = [n for n in names if n in stages]
     return names
+
+
+def run_stage(name: str, params: Params, paths: Paths, fresh: bool = False) -> dict:
+    """Run one stage with the params sections it reads; `fresh` retrains a training stage from scratch."""
+    stage = STAGES[name]
+    kwargs = {"fresh": True} if (fresh and stage.trains) else {}
+    return stage.run(*stage.settings(params), paths, **kwargs)

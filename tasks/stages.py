@@ -1,68 +1,57 @@
-"""Prefect tasks: one per stage, each reads its params section and calls one fm function.
+"""Prefect tasks: one per stage, generated from the stage table (fm/stages.py).
 
-The work is in fm/; these wrappers add what orchestration needs (names, retries on the
-stage that reads user files, task-run names in the UI) and keep DVC in step: a stage DVC
-records as up to date is skipped, and a stage that ran is recorded in dvc.lock, so `fm run`
-and `dvc repro` share one notion of "stale".
+Each task calls fm.runner.execute_stage (skip when DVC records the stage as current, else run
+and record it), then makes the result visible in the Prefect UI: the counts table in the task's
+log, a Markdown artifact per stage, and a final state named `Skipped` for a stage that did not
+need to run (a plain Completed would look like work was done).
+
+Retries only where another try can fix it: stages that read user files (`Stage.retries`), on
+I/O errors other than a missing file. No Prefect result caching: dvc.lock is the one record of
+what is current, and a second cache could disagree with it.
 """
 
 from __future__ import annotations
 
-from prefect import task
+from prefect import Task, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.logging import get_run_logger
+from prefect.states import Completed
 
-from fm.config import load_params
-from fm.dvcstate import matches_dvc_yaml, record_stage, stage_is_current
-from fm.paths import Paths
-from fm.stages import run_stage
-
-
-def _run(name: str, raw: str, workdir: str, params_file: str, overrides: list[str], force: bool) -> dict:
-    """Run one stage unless DVC already records it as up to date; then record it."""
-    if not force and matches_dvc_yaml(raw, workdir, params_file, overrides) and stage_is_current(name):
-        return {"stage": name, "skipped": "up to date in dvc.lock (use --force to rerun)"}
-    summary = run_stage(name, load_params(params_file, overrides), Paths(raw, workdir))
-    record_stage(name, raw=raw, workdir=workdir, params_file=params_file, overrides=overrides)
-    return summary
+from fm.dvcstate import RunContext
+from fm.runner import execute_stage
+from fm.stages import STAGES, Stage
+from fm.summary import as_markdown, as_text
 
 
 def _io_error(task, task_run, state) -> bool:
     """Retry only what another try can fix: I/O errors, not bad input or a missing layer."""
-    exc = state.data
-    return isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError)
+    try:
+        state.result()
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True
+    except BaseException:
+        return False
+    return False
 
 
-# ingest reads user files, possibly on network storage: the one stage worth a retry.
-@task(name="ingest", retries=2, retry_delay_seconds=2, retry_condition_fn=_io_error)
-def ingest(raw: str, workdir: str, params_file: str, overrides: list[str], force: bool = False) -> dict:
-    """Read the raw corpus into Arrow tables."""
-    return _run("ingest", raw, workdir, params_file, overrides, force)
+def _make_task(stage: Stage) -> Task:
+    def run_stage_task(ctx: RunContext, force: bool = False):
+        summary = execute_stage(stage.name, ctx, force=force)
+        get_run_logger().info("\n%s", as_text(summary))
+        create_markdown_artifact(key=f"fm-{stage.name.replace('_', '-')}", markdown=as_markdown(summary),
+                                 description=f"fm stage {stage.name}: counts and figures of its last run")
+        if summary.get("status") == "skipped":
+            return Completed(data=summary, name="Skipped", message=summary["note"])
+        return summary
+
+    run_stage_task.__name__ = run_stage_task.__qualname__ = f"run_{stage.name}"
+    run_stage_task.__doc__ = stage.help
+    return task(run_stage_task, name=stage.name, task_run_name=stage.name, retries=stage.retries,
+                retry_delay_seconds=2, retry_condition_fn=_io_error if stage.retries else None,
+                cache_policy=NO_CACHE)
 
 
-@task(name="validate")
-def validate(raw: str, workdir: str, params_file: str, overrides: list[str], force: bool = False) -> dict:
-    """Great Expectations gate over the ingested tables."""
-    return _run("validate", raw, workdir, params_file, overrides, force)
-
-
-@task(name="curate")
-def curate(raw: str, workdir: str, params_file: str, overrides: list[str], force: bool = False) -> dict:
-    """Deduplicate and filter the validated tables."""
-    return _run("curate", raw, workdir, params_file, overrides, force)
-
-
-@task(name="tokenize")
-def tokenize(raw: str, workdir: str, params_file: str, overrides: list[str], force: bool = False) -> dict:
-    """Train the BPE tokenizer."""
-    return _run("tokenize", raw, workdir, params_file, overrides, force)
-
-
-@task(name="shard")
-def shard(raw: str, workdir: str, params_file: str, overrides: list[str], force: bool = False) -> dict:
-    """Write token and document shards."""
-    return _run("shard", raw, workdir, params_file, overrides, force)
-
-
-@task(name="pretrain")
-def pretrain(raw: str, workdir: str, params_file: str, overrides: list[str], force: bool = False) -> dict:
-    """Pretrain the decoder LM (resumes from its last checkpoint after a crash)."""
-    return _run("pretrain", raw, workdir, params_file, overrides, force)
+STAGE_TASKS: dict[str, Task] = {name: _make_task(stage) for name, stage in STAGES.items()}

@@ -237,8 +237,11 @@ def test_curate_stage(corpus):
 
 
 def test_curate_stats_parquet_and_duckdb(corpus):
+    from fm.registry import refresh
+
     paths, text = corpus
     summary = curate(CFG, paths)
+    assert refresh(paths, ["curate"]) == ["corpus_stats"]  # the registry table is rebuilt from stats.parquet
     stats = {(r["modality"], r["lang"]): r for r in pq.read_table(paths.curated / "stats.parquet").to_pylist()}
     en, zh = stats["text", "en"], stats["text", "zh"]
     assert (en["docs_in"], en["docs"], en["docs_removed"], en["duplicates_removed"]) == (6, 2, 4, 2)
@@ -252,6 +255,7 @@ def test_curate_stats_parquet_and_duckdb(corpus):
         con.close()
     assert in_db == sorted(summary["stats"], key=lambda r: (r["modality"], r["lang"], r["source"]))
     curate(CFG, paths)  # a rerun replaces the rows rather than adding to them
+    refresh(paths, ["curate"])
     con = duckdb.connect(str(paths.duckdb))
     try:
         assert con.execute("SELECT count(*) FROM corpus_stats").fetchone()[0] == len(in_db)

@@ -19,8 +19,8 @@ Per modality, in this order (a record is quarantined for the first rule it break
    `exact_near_duplicates`, the exact reference that tests and bench/curate_bench.py use.
 
 Everything removed lands in the quarantine with the reason (and the kept id for a duplicate).
-Statistics per (modality, lang, source) go to 04_curated/stats.parquet and the DuckDB table
-`corpus_stats`.
+Statistics per (modality, lang, source) go to 04_curated/stats.parquet, which the run registry
+(fm/registry.py) loads as the DuckDB table `corpus_stats`.
 """
 
 from __future__ import annotations
@@ -389,21 +389,6 @@ def corpus_stats(table: pa.Table, modality: str, removals: dict[int, tuple[str, 
     return rows
 
 
-def write_duckdb_stats(stats: pa.Table, path) -> None:
-    """Replace the rows of DuckDB table `corpus_stats` (this stage owns it) with this run's."""
-    import duckdb
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    con = duckdb.connect(str(path))
-    try:
-        con.register("curate_stats", stats)
-        con.execute("BEGIN TRANSACTION")
-        con.execute("CREATE OR REPLACE TABLE corpus_stats AS SELECT * FROM curate_stats")
-        con.execute("COMMIT")
-    finally:
-        con.close()
-
-
 def curate(cfg: CurateConfig, paths: Paths) -> dict:
     """Dedup and filter 03_validated into 04_curated; write the quarantine and corpus statistics."""
     started = time.perf_counter()
@@ -439,7 +424,6 @@ def curate(cfg: CurateConfig, paths: Paths) -> dict:
     stats_table = pa.Table.from_pylist(stats, schema=STATS_SCHEMA)
     write_parquet(stats_table, paths.curated / "stats.parquet")
     write_quarantine(previous, quarantine, paths.quarantine)
-    write_duckdb_stats(stats_table, paths.duckdb)
-    outputs += [str(paths.curated / "stats.parquet"), str(paths.quarantine), str(paths.duckdb)]
+    outputs += [str(paths.curated / "stats.parquet"), str(paths.quarantine)]
     return {"stage": "curate", "counts": counts, "stats": stats, "outputs": outputs,
             "seconds": round(time.perf_counter() - started, 3)}  # fmt: skip
