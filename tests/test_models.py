@@ -93,6 +93,20 @@ def test_forward_shapes_and_tied_weights():
     assert untied.lm_head.weight is not untied.tok_emb.weight
 
 
+def test_tied_model_loads_a_state_dict_without_its_head_strictly():
+    """A tied model's saved weights hold the shared matrix once (tok_emb.weight); strict loading accepts that."""
+    model = Decoder(tiny())
+    sd = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    other = Decoder(tiny(init_std=0.05))
+    other.load_state_dict(sd)  # strict
+    assert other.lm_head.weight is other.tok_emb.weight and torch.equal(other.lm_head.weight, model.tok_emb.weight)
+    idx = tokens()
+    assert torch.equal(other(idx)[0], model(idx)[0])
+    untied = Decoder(tiny(tie_embeddings=False))
+    with pytest.raises(RuntimeError, match="lm_head.weight"):
+        untied.load_state_dict({k: v for k, v in untied.state_dict().items() if k != "lm_head.weight"})
+
+
 @pytest.mark.parametrize("preset", ["tiny", "small"])
 def test_initial_loss_is_uniform(preset):
     """At init the model should be unsure: cross-entropy on random tokens ~ ln(vocab)."""

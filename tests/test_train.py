@@ -64,10 +64,13 @@ def test_interrupted_run_resumes_bit_identical(sample_shards, tmp_path, monkeypa
 def test_changed_config_does_not_resume(sample_shards, tmp_path):
     paths = workdir(tmp_path, sample_shards, "w")
     run(PretrainConfig(**TINY, batch_size=4), paths, progress=False)  # checkpoints at steps 3 and 6
+    # a schedule that ends before the newest checkpoint cannot continue it: a new run
     summary = run(PretrainConfig(**{**TINY, "max_steps": 3, "lr": 1e-3}, batch_size=4), paths, progress=False)
     assert summary["resumed_from_step"] == 0
-    # the other configuration's checkpoints are gone, so this run's own (step 3) is the newest
+    # the other run's checkpoints are set aside (not deleted), so this run's own (step 3) is the newest
     assert sorted(p.name for p in (paths.checkpoints / "pretrain").glob("step-*")) == ["step-00000003"]
+    (aside,) = paths.checkpoints.glob("pretrain.old-*")
+    assert sorted(p.name for p in aside.glob("step-*")) == ["step-00000003", "step-00000006"]
 
 
 def test_exported_model_reproduces_val_loss(sample_shards, tmp_path):

@@ -291,6 +291,12 @@ class Block(nn.Module):
         return x + self.drop(h), stats
 
 
+def _fill_tied_head(module, state_dict, prefix, *args) -> None:
+    """load_state_dict pre-hook of a tied Decoder: lm_head.weight is tok_emb.weight when it is left out."""
+    if prefix + "lm_head.weight" not in state_dict and prefix + "tok_emb.weight" in state_dict:
+        state_dict[prefix + "lm_head.weight"] = state_dict[prefix + "tok_emb.weight"]
+
+
 class Decoder(nn.Module):
     """Token embedding -> n_layer Blocks -> RMSNorm -> LM head (tied to the embedding by default)."""
 
@@ -304,6 +310,9 @@ class Decoder(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
+            # A saved tied model stores the shared matrix once (as tok_emb.weight, as safetensors and
+            # Hugging Face do): a state dict without lm_head.weight is complete, even for strict loading.
+            self.register_load_state_dict_pre_hook(_fill_tied_head)
         # Derived from the config, so not saved: rebuilt by init_weights (also after a meta-device init).
         self.register_buffer("rope_cos", torch.empty(cfg.seq_len, cfg.head_dim), persistent=False)
         self.register_buffer("rope_sin", torch.empty(cfg.seq_len, cfg.head_dim), persistent=False)

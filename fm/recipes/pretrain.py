@@ -1,17 +1,28 @@
 """Pretrain a decoder LM on the token shards: the `pretrain` stage.
 
     fm pretrain                                   # the stage; launches torchrun when pretrain.nproc > 1
+    python -m fm.recipes.pretrain --fresh         # one process; --fresh sets old checkpoints aside, starts at step 0
     torchrun --nproc_per_node 2 -m fm.recipes.pretrain --set pretrain.parallel=fsdp
     torchrun --nproc_per_node 4 -m fm.recipes.pretrain --set pretrain.tp=2 --set pretrain.parallel=fsdp   # dp 2 x tp 2
     torchrun --nnodes 2 --node-rank R --rdzv-backend c10d --rdzv-endpoint HOST:29500 \
              --nproc_per_node 8 -m fm.recipes.pretrain       # multi-node
 
-Reads `05_tokens/shards` (and the tokenizer's vocabulary size from its manifest), builds the
-model from `pretrain.preset` + `pretrain.model`, and trains with fm.train.loop.train.
+Reads `05_tokens/shards` (and the tokenizer its manifest names), builds the model from
+`pretrain.preset` + `pretrain.model`, and trains with fm.train.loop.train.
 Writes:
-    06_models/checkpoints/pretrain/step-XXXXXXXX/   full training state (DCP) every ckpt_every steps;
-                                                    a rerun with the same config resumes from the newest
-    06_models/pretrain/model.safetensors, config.json, metrics.jsonl, summary.json
+    06_models/checkpoints/pretrain/step-XXXXXXXX/   full training state (DCP) every ckpt_every steps
+    06_models/pretrain/model.safetensors, config.json, tokenizer.json, metrics.jsonl, summary.json
+                                                    (load with fm.models.load_pretrained)
+
+Where a rerun starts (`plan_start`): the newest checkpoint is
+    resumed      when it is this run (same run identity) with the same schedule: a crashed run goes on, and
+                 its losses are bit-identical to an uninterrupted run's; at max_steps nothing is trained again;
+    continued    when it is this run with another schedule (SCHEDULE: max_steps, warmup_steps, lr,
+                 min_lr_ratio, mix) and it is before the new max_steps: training longer, or on with a lower
+                 LR or other mixing weights; the LR follows the new schedule from that step on;
+    set aside    otherwise (another model, data, seed, global batch, optimizer or set of modalities; a
+                 changed schedule at or past its max_steps; or `fresh`): moved to
+                 06_models/checkpoints/pretrain.old-<run>-<time>/, never deleted, and training starts at 0.
 """
 
 from __future__ import annotations
@@ -21,6 +32,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -31,14 +43,15 @@ import torch
 
 from fm.config import PretrainConfig, load_params
 from fm.data.loader import TokenLoader
-from fm.data.shards import load_manifest
+from fm.data.schema import MODALITIES
+from fm.data.shards import load_manifest, sha256_file
 from fm.io import atomic_dir
 from fm.models.decoder import PRESETS, Decoder, ModelConfig
 from fm.paths import Paths
-from fm.train.checkpoint import clear_checkpoints, export_model, load_checkpoint, resume_point, save_checkpoint
+from fm.train.checkpoint import export_model, load_checkpoint, newest_train_state, save_checkpoint, set_aside
 from fm.train.loop import measure_matmul_peak, train
-from fm.train.optim import build_optimizer
-from fm.train.parallel import Dist, destroy_distributed, init_distributed, parallelize
+from fm.train.optim import build_optimizer, effective_warmup
+from fm.train.parallel import Dist, broadcast_object, check_layout, destroy_distributed, init_distributed, parallelize
 
 # Settings that change how a run is executed but not the numbers it computes: a checkpoint
 # written under one of them resumes under another (different process count, FSDP vs DDP, ...).
@@ -46,6 +59,10 @@ from fm.train.parallel import Dist, destroy_distributed, init_distributed, paral
 EXECUTION_ONLY = ("batch_size", "grad_accum", "nproc", "parallel", "cpu_offload", "activation_checkpointing",
                   "compile", "threads", "peak_tflops", "log_every", "eval_every", "eval_batches", "ckpt_every", "keep_checkpoints",
                   "tp", "pp", "pp_microbatches", "pp_schedule")
+# The learning-rate and data schedule: a run continues under new values of these (from its newest
+# checkpoint, if that is before the new max_steps). The data loader's state stays valid under a new
+# mix as long as it draws from the same modalities, which are part of the run identity.
+SCHEDULE = ("max_steps", "warmup_steps", "lr", "min_lr_ratio", "mix")
 
 
 def model_config(cfg: PretrainConfig, vocab_size: int) -> ModelConfig:
@@ -56,10 +73,41 @@ def model_config(cfg: PretrainConfig, vocab_size: int) -> ModelConfig:
     for given, derived in (("n_head", "n_kv_head"), ("d_model", "ffn_hidden")):
         if given in overrides and derived not in overrides:
             overrides[derived] = None
+    if overrides.get("moe_routing") == "domain":
+        # DEMix: one expert per domain, and a document's modality is its domain (text, code, image_text, triples).
+        overrides.setdefault("n_domains", overrides.get("n_experts", len(MODALITIES)))
+        overrides.setdefault("n_experts", overrides["n_domains"])
     unknown = set(overrides) - {f.name for f in dataclasses.fields(ModelConfig)}
     if unknown:
         raise ValueError(f"pretrain.model: unknown model setting(s) {', '.join(sorted(unknown))}")
     return dataclasses.replace(PRESETS[cfg.preset], **overrides)
+
+
+def prepare(cfg: PretrainConfig, paths: Paths) -> tuple[Path, dict, ModelConfig]:
+    """Everything a run can refuse before it trains: shards and their tokenizer present, the model config,
+    its (pp, dp, tp) layout, domain ids. Run once in the stage's own process before torchrun, so a mistake
+    is one line rather than a traceback from every process. Returns (shard dir, manifest, model config)."""
+    shard_dir = paths.tokens / "shards"
+    if not (shard_dir / "manifest.json").is_file():
+        raise FileNotFoundError(f"{shard_dir} has no manifest.json: run `fm shard` first")
+    manifest = load_manifest(shard_dir)
+    tokenizer = shard_dir / manifest["tokenizer"]["path"]
+    if not tokenizer.is_file():
+        raise FileNotFoundError(f"{tokenizer} not found: the shards' tokenizer is missing (run `fm tokenize` and `fm shard`)")
+    if sha256_file(tokenizer) != manifest["tokenizer"]["sha256"]:
+        raise ValueError(f"{tokenizer} is not the tokenizer the shards were made with: run `fm shard` again")
+    mcfg = model_config(cfg, manifest["tokenizer"]["vocab_size"])
+    check_layout(mcfg, cfg.tp, cfg.pp)
+    if mcfg.moe_layers and mcfg.moe_routing == "domain":
+        present = {e["modality"] for e in manifest["shards"] if e["kind"] == "tokens"}
+        drawn = [m for m in present if not cfg.mix or cfg.mix.get(m, 0) > 0]
+        codes = manifest["codes"]["modality"]
+        beyond = sorted((m for m in drawn if codes.index(m) >= mcfg.n_domains), key=codes.index)
+        if beyond:
+            raise ValueError(f"domain routing: {', '.join(f'{m} is domain {codes.index(m)}' for m in beyond)}, but "
+                             f"model.n_domains is {mcfg.n_domains} (leave n_experts and n_domains unset for one expert "
+                             f"per modality, {len(codes)})")
+    return shard_dir, manifest, mcfg
 
 
 def resolve_dtype(cfg: PretrainConfig, device: torch.device) -> str:
@@ -68,39 +116,66 @@ def resolve_dtype(cfg: PretrainConfig, device: torch.device) -> str:
     return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
 
 
-def config_hash(cfg: PretrainConfig, manifest: dict, dp_size: int) -> str:
-    """What a resumable checkpoint must agree on: the math of the run and the data it reads."""
-    math_settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in EXECUTION_ONLY}
-    math_settings["global_batch"] = cfg.batch_size * cfg.grad_accum * dp_size  # only dp splits the batch
-    data = {"tokenizer": manifest["tokenizer"]["sha256"], "totals": manifest["totals"]["tokens"]}
-    return hashlib.sha256(json.dumps([math_settings, data], sort_keys=True).encode()).hexdigest()[:16]
+def run_identity(cfg: PretrainConfig, manifest: dict, dp_size: int, modalities: list[str]) -> dict:
+    """What a checkpoint must agree on to be resumed or continued: the model and optimizer, the seed, the
+    global batch and the exact data (tokenizer and every token shard's sha256: re-sharding with another
+    shard.seed is other data). modalities: those the loader draws from (its state counts per modality)."""
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in EXECUTION_ONLY + SCHEDULE}
+    settings["global_batch"] = cfg.batch_size * cfg.grad_accum * dp_size  # only dp splits the batch
+    settings["modalities"] = list(modalities)
+    settings["data"] = {"tokenizer": manifest["tokenizer"]["sha256"],
+                        "token_shards": sorted([e["path"], e["sha256"]] for e in manifest["shards"] if e["kind"] == "tokens")}
+    return settings
 
 
-def run(cfg: PretrainConfig, paths: Paths, progress: bool = True) -> dict:
+def identity_hash(identity: dict) -> str:
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def schedule_of(cfg: PretrainConfig) -> dict:
+    return {k: getattr(cfg, k) for k in SCHEDULE}
+
+
+def plan_start(saved: dict | None, identity: dict, schedule: dict, fresh: bool = False) -> tuple[str, str]:
+    """What to do with the newest checkpoint, given its train_state.json (`saved`; None if there is none):
+    ("start", ""), ("resume", ""), ("continue", what changed) or ("set_aside", why). See the module docstring."""
+    if saved is None:
+        return "start", ""
+    if fresh:
+        return "set_aside", "a fresh start was asked for"
+    if saved.get("run_identity") != identity_hash(identity):
+        old = saved.get("run") or {}
+        differ = [k for k in identity if k in old and old[k] != identity[k]]
+        return "set_aside", f"another run: {', '.join(differ)} {'differs' if len(differ) == 1 else 'differ'}" if differ else "another run"
+    old = saved["schedule"]
+    if old == schedule:
+        return "resume", ""
+    changed = ", ".join(f"{k} {old.get(k)} -> {schedule[k]}" for k in schedule if old.get(k) != schedule[k])
+    if saved["step"] < schedule["max_steps"]:
+        return "continue", changed
+    return "set_aside", f"its step {saved['step']} is not before max_steps={schedule['max_steps']} and the schedule changed ({changed})"
+
+
+def run(cfg: PretrainConfig, paths: Paths, progress: bool = True, fresh: bool = False) -> dict:
     """Train in this process (one of torchrun's, or alone) and return the summary (rank 0)."""
     d = init_distributed(tp=cfg.tp, pp=cfg.pp)
     try:
-        return _run(cfg, paths, d, progress)
+        return _run(cfg, paths, d, progress, fresh)
     finally:
         destroy_distributed()
 
 
-def _run(cfg: PretrainConfig, paths: Paths, d: Dist, progress: bool) -> dict:
+def _run(cfg: PretrainConfig, paths: Paths, d: Dist, progress: bool, fresh: bool) -> dict:
     start = time.perf_counter()
-    shard_dir = paths.tokens / "shards"
-    if not (shard_dir / "manifest.json").is_file():
-        raise FileNotFoundError(f"{shard_dir} has no manifest.json: run `fm shard` first")
-    manifest = load_manifest(shard_dir)
+    shard_dir, manifest, mcfg = prepare(cfg, paths)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     if d.device.type == "cpu":
         torch.set_flush_denormal(True)  # denormal floats are 10-100x slower on CPUs and carry no signal
     dtype = resolve_dtype(cfg, d.device)
 
-    mcfg = model_config(cfg, manifest["tokenizer"]["vocab_size"])
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank and on every resume
     model = Decoder(mcfg).to(d.device)
-    peak = cfg.peak_tflops * 1e12 or measure_matmul_peak(d.device, torch.bfloat16 if dtype == "bf16" else torch.float32)
     model, pipeline = parallelize(model, d, cfg)  # pipeline: None unless pp > 1
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
 
@@ -116,67 +191,127 @@ def _run(cfg: PretrainConfig, paths: Paths, d: Dist, progress: bool) -> dict:
             print(f"pretrain: no validation ({e})", file=sys.stderr)
 
     ckpt_root = paths.checkpoints / "pretrain"
-    chash = config_hash(cfg, manifest, d.dp_size)
-    start_step = 0
-    resume_from = resume_point(ckpt_root, chash, d)
-    if resume_from is not None:
-        state = load_checkpoint(resume_from, model, optimizer)
+    identity, schedule = run_identity(cfg, manifest, d.dp_size, loader.modalities), schedule_of(cfg)
+    # Rank 0 looks at the newest checkpoint and decides; every rank follows.
+    action, why, newest, saved = "start", "", None, None
+    if d.is_main:
+        found = newest_train_state(ckpt_root)
+        newest, saved = found if found else (None, None)
+        action, why = plan_start(saved, identity, schedule, fresh)
+    action, newest = broadcast_object((action, str(newest) if newest else None))
+    start_step, history_of_schedule, summary_extra = 0, [{"from_step": 0, **schedule}], {}
+    if action in ("resume", "continue"):
+        state = load_checkpoint(Path(newest), model, optimizer)
         loader.load_state_dict(state["loader"])
         start_step = state["step"]
+        history_of_schedule = state["schedule_history"]
+        if action == "continue":
+            history_of_schedule = history_of_schedule + [{"from_step": start_step, **schedule}]
+            summary_extra = {"continued_from_step": start_step, "previous_max_steps": state["schedule"]["max_steps"],
+                             "previous_schedule": {k: v for k, v in state["schedule"].items() if schedule[k] != v}}
     if d.is_main:
         ckpt_root.mkdir(parents=True, exist_ok=True)
-        if resume_from is None and clear_checkpoints(ckpt_root):
-            # Another configuration's state can never be resumed by this run, and left in place
-            # it would outrank (and get this run's own checkpoints pruned) by step number.
-            print(f"pretrain: removed checkpoints of another configuration from {ckpt_root}", file=sys.stderr)
+        if action == "set_aside":
+            aside = set_aside(ckpt_root, saved.get("run_identity", "unknown")[:8])
+            print(f"pretrain: checkpoints up to step {saved['step']} set aside ({why}) in {aside}; starting at step 0",
+                  file=sys.stderr)
+            summary_extra["set_aside"] = str(aside)
+        elif action == "continue":
+            print(f"pretrain: continuing the run from step {start_step} with a new schedule ({why})", file=sys.stderr)
+        elif action == "resume" and start_step >= cfg.max_steps:
+            print(f"pretrain: already trained to step {start_step} with this configuration; exporting it again "
+                  f"(to train from step 0: fm pretrain --force, or --fresh here)", file=sys.stderr)
+        elif action == "resume":
+            print(f"pretrain: resuming from step {start_step}", file=sys.stderr)
         _truncate_metrics(ckpt_root / "metrics.jsonl", start_step)
+    warmup = effective_warmup(cfg.warmup_steps, cfg.max_steps)
+    if warmup != cfg.warmup_steps and d.is_main and start_step < cfg.max_steps:
+        print(f"pretrain: warmup_steps ({cfg.warmup_steps}) >= max_steps ({cfg.max_steps}): warming up over "
+              f"{warmup} steps (a tenth of the run) instead", file=sys.stderr)
 
     def checkpoint(step: int) -> None:
         save_checkpoint(ckpt_root, step, model, optimizer,
-                        {"loader": loader.state_dict(), "config_hash": chash, "config": dataclasses.asdict(cfg)},
+                        {"loader": loader.state_dict(), "run_identity": identity_hash(identity), "run": identity,
+                         "schedule": schedule, "schedule_history": history_of_schedule, "config": dataclasses.asdict(cfg)},
                         d, keep=cfg.keep_checkpoints)
 
-    bar = _progress() if (progress and d.is_main) else nullcontext(None)
+    to_train = start_step < cfg.max_steps
+    peak = cfg.peak_tflops * 1e12 or (measure_matmul_peak(d.device, _matmul_dtype(dtype)) if to_train else 0.0)
+    bar = _progress() if (progress and d.is_main and to_train) else nullcontext(None)
     with bar as prog:
         history = train(model, optimizer, loader, cfg, d, val_loader=val_loader, start_step=start_step,
                         checkpoint_fn=checkpoint, metrics_path=ckpt_root / "metrics.jsonl",
                         flops_per_token=mcfg.flops_per_token(cfg.seq_len), peak_flops=peak, progress=prog,
                         pipeline=pipeline)
 
-    if not cfg.peak_tflops:
+    if history and not cfg.peak_tflops:
         # A peak measured while other work shared the device reads low (and MFU high): measure
         # again now and keep the larger, for the summary's MFU; per-step MFU used the first.
-        end_peak = measure_matmul_peak(d.device, torch.bfloat16 if dtype == "bf16" else torch.float32)
+        end_peak = measure_matmul_peak(d.device, _matmul_dtype(dtype))
         if end_peak > peak:
             for r in history:
                 if "mfu" in r:
                     r["mfu"] = round(r["mfu"] * peak / end_peak, 4)
             peak = end_peak
-    summary = {"stage": "pretrain", "resumed_from_step": start_step, "steps": cfg.max_steps,
-               "params": mcfg.num_params(), "world_size": d.world_size,
+    summary = {"stage": "pretrain", "resumed_from_step": start_step, **summary_extra, "steps": cfg.max_steps,
+               "warmup_steps": warmup, "params": mcfg.num_params(), "world_size": d.world_size,
                "layout": {"dp": d.dp_size, "pp": d.pp_size, "tp": d.tp_size}, "dtype": dtype,
-               "device": str(d.device.type), "peak_tflops": round(peak / 1e12, 3)}
-    if history:
+               "device": str(d.device.type)}
+    if history:  # throughput of the steps this call trained
+        summary["peak_tflops"] = round(peak / 1e12, 3)
         tail = history[-min(10, len(history)):]
-        summary.update(final_loss=round(history[-1]["loss"], 4),
-                       tokens_per_s=round(sum(r["tokens_per_s"] for r in tail) / len(tail), 1))
+        summary["tokens_per_s"] = round(sum(r["tokens_per_s"] for r in tail) / len(tail), 1)
         if "mfu" in history[-1]:
             summary["mfu"] = round(sum(r["mfu"] for r in tail) / len(tail), 4)
-        vals = [r["val_loss"] for r in history if "val_loss" in r]
-        if vals:
-            summary["val_loss"] = round(vals[-1], 4)
     out = paths.models / "pretrain"
-    meta = {"tokenizer": manifest["tokenizer"], "pretrain": dataclasses.asdict(cfg), "step": cfg.max_steps}
+    meta = {"tokenizer": {**manifest["tokenizer"], "path": "tokenizer.json"}, "pretrain": dataclasses.asdict(cfg),
+            "step": cfg.max_steps, "schedule_history": history_of_schedule}
     with (atomic_dir(out) if d.is_main else nullcontext(None)) as tmp:
         export_model(model, mcfg, tmp, d, meta)  # collective: every rank gathers, rank 0 writes
         if d.is_main:
+            shutil.copyfile(shard_dir / manifest["tokenizer"]["path"], tmp / "tokenizer.json")  # a self-contained folder
             metrics = (ckpt_root / "metrics.jsonl").read_text()
             (tmp / "metrics.jsonl").write_text(metrics)
-            summary["val_curve"] = [(r["step"], round(r["val_loss"], 4)) for r in map(json.loads, metrics.splitlines()) if "val_loss" in r]
+            records = [json.loads(line) for line in metrics.splitlines()]
+            _write_loss_csv(records, tmp / "loss.csv")
+            summary.update(_run_figures(records))
             summary["seconds"] = round(time.perf_counter() - start, 2)
             (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
     summary["outputs"] = [str(out)]
     return summary
+
+
+def _matmul_dtype(dtype: str) -> torch.dtype:
+    return torch.bfloat16 if dtype == "bf16" else torch.float32
+
+
+def _run_figures(records: list[dict]) -> dict:
+    """Loss, validation curve and MoE expert load of the whole run, from its metrics records."""
+    if not records:
+        return {}
+    out = {"final_loss": round(records[-1]["loss"], 4)}
+    curve = [(r["step"], round(r["val_loss"], 4)) for r in records if "val_loss" in r]
+    if curve:
+        out["val_loss"] = curve[-1][1]
+    loads = [r["expert_load"] for r in records if "expert_load" in r][-10:]
+    if loads:
+        # Per MoE layer: each expert's share of the assignments over the last (up to) 10 steps, and their
+        # coefficient of variation (std / mean; 0 when balanced, sqrt(E - 1) when one expert takes all).
+        mean = torch.tensor(loads, dtype=torch.float64).mean(dim=0)  # (n_moe_layers, E)
+        out["expert_load"] = [[round(v, 4) for v in row] for row in mean.tolist()]
+        out["expert_load_cv"] = [round(v, 4) for v in (mean.std(dim=1, correction=0) / mean.mean(dim=1)).tolist()]
+    if curve:
+        out["val_curve"] = curve
+    return out
+
+
+def _write_loss_csv(records: list[dict], path: Path) -> None:
+    """step, loss, val_loss (empty between evaluations), lr: the loss curve for `dvc plots` and the registry."""
+    rows = ["step,loss,val_loss,lr"]
+    for r in records:
+        val = f"{r['val_loss']:.6f}" if "val_loss" in r else ""
+        rows.append(f"{r['step']},{r['loss']:.6f},{val},{r['lr']:.6g}")
+    path.write_text("\n".join(rows) + "\n")
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
@@ -188,20 +323,30 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 
 def _progress():
+    """A live bar on stderr when it is a terminal; else nothing (the loop prints a line every log_every steps)."""
+    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    console = Console(stderr=True)
+    if not console.is_terminal:
+        return nullcontext(None)
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=console)
 
 
-def pretrain(cfg: PretrainConfig, paths: Paths) -> dict:
-    """The pretrain stage: train in this process, or launch torchrun when cfg.nproc > 1."""
+def pretrain(cfg: PretrainConfig, paths: Paths, fresh: bool = False) -> dict:
+    """The pretrain stage: train in this process, or launch torchrun when cfg.nproc > 1.
+
+    fresh: set existing checkpoints aside and train from step 0, whatever they are.
+    """
     if cfg.nproc == 1:
-        return run(cfg, paths)
+        return run(cfg, paths, fresh=fresh)
+    prepare(cfg, paths)  # config, data and layout errors as one line here, not a traceback per process
     launch = paths.checkpoints / "pretrain" / "launch.json"
     launch.parent.mkdir(parents=True, exist_ok=True)
     launch.write_text(json.dumps(dataclasses.asdict(cfg)))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(cfg.nproc),
-           "-m", "fm.recipes.pretrain", "--config", str(launch), "--raw", str(paths.raw), "--workdir", str(paths.workdir)]
+           "-m", "fm.recipes.pretrain", "--config", str(launch), "--raw", str(paths.raw), "--workdir", str(paths.workdir),
+           "--quiet", *(["--fresh"] if fresh else [])]
     env = dict(os.environ, OMP_NUM_THREADS=str(cfg.threads or max(1, (os.cpu_count() or 1) // cfg.nproc)))
     result = subprocess.run(cmd, env=env)
     if result.returncode != 0:
@@ -211,6 +356,23 @@ def pretrain(cfg: PretrainConfig, paths: Paths) -> dict:
     return summary
 
 
+def describe(summary: dict) -> str:
+    """One readable line about a finished run."""
+    parts = [f"pretrain: {summary['steps']} steps"]
+    if "continued_from_step" in summary:
+        parts.append(f"(continued from step {summary['continued_from_step']} of {summary['previous_max_steps']})")
+    elif summary["resumed_from_step"]:
+        parts.append(f"(resumed at step {summary['resumed_from_step']})")
+    for key, label in (("final_loss", "loss"), ("val_loss", "val loss")):
+        if key in summary:
+            parts.append(f"{label} {summary[key]}")
+    if "tokens_per_s" in summary:
+        parts.append(f"{summary['tokens_per_s']:,.0f} tok/s")
+    if "expert_load_cv" in summary:
+        parts.append("expert load cv " + "/".join(f"{v:.2f}" for v in summary["expert_load_cv"]))
+    return " ".join(parts) + f" -> {summary['outputs'][0]} (summary.json)"
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="Pretrain a decoder LM on fm token shards (run under torchrun for several processes).")
     ap.add_argument("--params", default="params.yaml", help="params file; its `pretrain` section is used")
@@ -218,14 +380,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--config", help="a resolved PretrainConfig as JSON (what the stage passes to torchrun); replaces --params/--set")
     ap.add_argument("--raw", default="data/01_raw")
     ap.add_argument("--workdir", default="data")
+    ap.add_argument("--fresh", action="store_true", help="set existing checkpoints aside and train from step 0")
+    ap.add_argument("--quiet", action="store_true", help="no closing line (the stage that launched torchrun prints its own)")
     args = ap.parse_args(argv)
     if args.config:
         cfg = PretrainConfig(**json.loads(Path(args.config).read_text()))
     else:
         cfg = load_params(args.params, args.overrides).pretrain
-    summary = run(cfg, Paths(args.raw, args.workdir))
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(json.dumps({k: v for k, v in summary.items() if k != "val_curve"}))
+    summary = run(cfg, Paths(args.raw, args.workdir), fresh=args.fresh)
+    if int(os.environ.get("RANK", "0")) == 0 and not args.quiet:
+        print(describe(summary))
 
 
 if __name__ == "__main__":

@@ -8,8 +8,9 @@ not a tensor (step, data-loader state, RNG, the config it was built from) sits b
 DCP's own metadata is pickled: a checkpoint folder is the run's own state, meant to be
 resumed by the run that wrote it, never a file to take from someone else.
 
-The consumable model (`export_model` / `load_model`) is `model.safetensors` + `config.json`:
-what every later stage reads. Loading it never unpickles anything.
+The consumable model (`export_model`; `load_model` is fm.models.pretrained.load_decoder) is
+`model.safetensors` + `config.json` (the recipe adds `tokenizer.json`): what every later stage
+reads. Loading it never unpickles anything.
 """
 
 from __future__ import annotations
@@ -19,13 +20,14 @@ import json
 import os
 import re
 import shutil
+import time
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -35,8 +37,9 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from fm.io import atomic_path
-from fm.models.decoder import Decoder, ModelConfig
-from fm.train.parallel import Dist, barrier, broadcast_object, gather_pipeline_state, unwrap
+from fm.models.decoder import ModelConfig
+from fm.models.pretrained import load_decoder as load_model  # noqa: F401  what later stages call
+from fm.train.parallel import Dist, barrier, gather_pipeline_state, unwrap
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 
@@ -57,12 +60,30 @@ def latest_checkpoint(root: Path) -> Path | None:
     return steps[-1] if steps else None
 
 
-def clear_checkpoints(root: Path) -> bool:
-    """Remove every step folder under root; True if there was any."""
-    steps = [p for p in root.iterdir() if STEP_DIR.match(p.name)] if root.is_dir() else []
-    for p in steps:
-        shutil.rmtree(p, ignore_errors=True)
-    return bool(steps)
+def set_aside(root: Path, tag: str) -> Path | None:
+    """Move root's checkpoints (step folders, unfinished ones, metrics.jsonl) into a new sibling folder
+    `<root>.old-<tag>-<YYYYmmdd-HHMMSS>` and return it; None when root holds no checkpoint. Nothing is deleted:
+    another run's state is out of this run's way (its step numbers would outrank and prune this run's own)
+    and can still be looked at, resumed by moving it back, or removed by hand."""
+    if not root.is_dir() or not any(STEP_DIR.match(p.name) for p in root.iterdir()):
+        return None
+    aside = root.with_name(f"{root.name}.old-{tag}-{time.strftime('%Y%m%d-%H%M%S')}")
+    n = 1
+    while aside.exists():  # two set-asides in one second
+        aside, n = root.with_name(f"{root.name}.old-{tag}-{time.strftime('%Y%m%d-%H%M%S')}-{n}"), n + 1
+    aside.mkdir()
+    for p in root.iterdir():
+        if p.name != "launch.json":  # the current launch's config, not the old run's state
+            os.replace(p, aside / p.name)
+    return aside
+
+
+def newest_train_state(root: Path) -> tuple[Path, dict] | None:
+    """The newest complete checkpoint under root and its train_state.json, or None."""
+    latest = latest_checkpoint(root)
+    if latest is None:
+        return None
+    return latest, json.loads((latest / "train_state.json").read_text())
 
 
 def rng_state() -> dict:
@@ -126,30 +147,3 @@ def export_model(model: nn.Module, cfg: ModelConfig, out_dir: Path, d: Dist, met
     with atomic_path(out_dir / "config.json") as tmp:
         tmp.write_text(json.dumps({"model": cfg.to_dict(), **(meta or {})}, indent=2))
     return out_dir
-
-
-def load_model(model_dir: str | Path, device: str | torch.device = "cpu") -> Decoder:
-    """Rebuild a Decoder from config.json and load model.safetensors (no pickle involved)."""
-    model_dir = Path(model_dir)
-    for name in ("config.json", "model.safetensors"):
-        if not (model_dir / name).is_file():
-            raise FileNotFoundError(f"{model_dir / name} not found: not an fm model folder")
-    cfg = ModelConfig.from_dict(json.loads((model_dir / "config.json").read_text())["model"])
-    model = Decoder(cfg)
-    missing, unexpected = model.load_state_dict(load_file(str(model_dir / "model.safetensors")), strict=False)
-    allowed_missing = {"lm_head.weight"} if cfg.tie_embeddings else set()
-    if set(missing) - allowed_missing or unexpected:
-        raise ValueError(f"{model_dir}: weights do not match config.json (missing {missing}, unexpected {unexpected})")
-    return model.to(device)
-
-
-def resume_point(root: Path, config_hash: str, d: Dist) -> Path | None:
-    """The checkpoint to resume from, if one exists for this exact config (rank 0 decides for all)."""
-    choice = None
-    if d.is_main:
-        latest = latest_checkpoint(root)
-        if latest is not None:
-            saved = json.loads((latest / "train_state.json").read_text()).get("config_hash")
-            choice = str(latest) if saved == config_hash else None
-    choice = broadcast_object(choice)
-    return Path(choice) if choice else None

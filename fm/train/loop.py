@@ -27,8 +27,10 @@ from fm.train.parallel import Dist, Pipeline, clip_grad_norm_, mean_loss
 def measure_matmul_peak(device: torch.device, dtype: torch.dtype = torch.float32, seconds: float = 0.5) -> float:
     """Achievable matmul FLOP/s on this device and dtype: the denominator of MFU when no spec peak is given."""
     n = 4096 if device.type == "cuda" else 1024
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
+    # Its own generator: measuring (before training, or not at all) leaves the global RNG, which a resume restores, alone.
+    gen = torch.Generator(device).manual_seed(0)
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for _ in range(3):
         a @ b
@@ -68,6 +70,15 @@ def evaluate(model: nn.Module, loader, batches: int, device: torch.device, dtype
     model.train()
     loader.load_state_dict(state)
     return mean_loss(total / batches, d or Dist()).item()
+
+
+def _moe_load(record: dict) -> str:
+    """' moe load 0.18-0.33 (even 0.25)': the smallest and largest expert share over the MoE layers this step."""
+    loads = record.get("expert_load")
+    if not loads:
+        return ""
+    shares = [v for row in loads for v in row]
+    return f" moe load {min(shares):.2f}-{max(shares):.2f} (even {1 / len(loads[0]):.2f})"
 
 
 def train(
@@ -152,7 +163,8 @@ def train(
                 progress.update(task, advance=1, description=f"pretrain {shown} {tokens_per_s:,.0f} tok/s")
             if log_lines and ((step + 1) % cfg.log_every == 0 or "val_loss" in record or step + 1 == cfg.max_steps):
                 mfu = f" mfu {record['mfu']:.1%}" if "mfu" in record else ""
-                print(f"step {step + 1}/{cfg.max_steps} {shown} lr {lr:.2e} {tokens_per_s:,.0f} tok/s{mfu}", file=sys.stderr, flush=True)
+                print(f"step {step + 1}/{cfg.max_steps} {shown} lr {lr:.2e} {tokens_per_s:,.0f} tok/s{mfu}{_moe_load(record)}",
+                      file=sys.stderr, flush=True)
             if checkpoint_fn and cfg.ckpt_every and ((step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.max_steps):
                 checkpoint_fn(step + 1)
     finally:

@@ -22,8 +22,19 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tup
     return torch.optim.AdamW(groups, lr=lr, betas=betas, foreach=True)
 
 
+def effective_warmup(warmup_steps: int, max_steps: int) -> int:
+    """The warmup the schedule uses: warmup_steps when the run is longer, else a tenth of the run.
+
+    A warmup as long as the run would leave no decay at all (the run would end at its peak LR), which
+    is never what a short run (`max_steps=20` with the default 20 warmup steps) means: it then warms up
+    over max_steps // 10 steps, the default's proportion (20 of 200), and decays over the rest.
+    """
+    return warmup_steps if warmup_steps < max_steps else max_steps // 10
+
+
 def lr_at(step: int, max_lr: float, warmup_steps: int, max_steps: int, min_lr_ratio: float) -> float:
-    """Linear warmup to max_lr over warmup_steps, then cosine decay to min_lr_ratio * max_lr at max_steps."""
+    """Linear warmup to max_lr over the effective warmup, then cosine decay to min_lr_ratio * max_lr at max_steps."""
+    warmup_steps = effective_warmup(warmup_steps, max_steps)
     if step < warmup_steps:
         return max_lr * (step + 1) / warmup_steps
     progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))

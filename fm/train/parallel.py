@@ -13,6 +13,7 @@ a fixed order, tensor parallelism, activation checkpointing, torch.compile and d
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -304,6 +305,20 @@ def check_layout(cfg, tp: int, pp: int) -> None:
             raise ValueError("pretrain.pp > 1 supports dense models only: set model.moe_layers to none")
 
 
+def _no_offload_reason(cfg, d: Dist) -> str | None:
+    if d.device.type == "cpu":
+        return "this run is on the CPU, where parameters, gradients and optimizer state already live in CPU memory"
+    if cfg.parallel != "fsdp" or d.dp_size == 1:
+        return "it applies to FSDP2 (parallel: fsdp with dp > 1), which shards over host memory"
+    return None
+
+
+def offload_to_cpu(cfg, d: Dist) -> bool:
+    """Whether FSDP2 keeps the sharded state in host memory: cpu_offload on accelerators with FSDP2 only
+    (FSDP2's CPUOffloadPolicy needs an accelerator to copy to, and fails on a CPU-only machine)."""
+    return bool(cfg.cpu_offload) and _no_offload_reason(cfg, d) is None
+
+
 def parallelize(model: nn.Module, d: Dist, cfg) -> tuple[nn.Module, Pipeline | None]:
     """Lay a single-device Decoder out on the (pp, dp, tp) mesh, in this order:
 
@@ -313,14 +328,17 @@ def parallelize(model: nn.Module, d: Dist, cfg) -> tuple[nn.Module, Pipeline | N
     2. activation checkpointing per block (before compile, so compile sees the recompute regions);
     3. torch.compile per block (a repeated block compiles once and keeps graph breaks local);
     4. data parallelism over the dp mesh: DDP, or FSDP2 `fully_shard` on every block and then on the
-       root (embedding, final norm, head), with optional CPU offload. With tensor parallelism FSDP2
-       shards the tp-local DTensors again over dp (2D); dp > 1 with tp or pp > 1 needs parallel=fsdp;
+       root (embedding, final norm, head), with optional CPU offload (accelerators only: on a CPU-only
+       run it is a no-op with a note). With tensor parallelism FSDP2 shards the tp-local DTensors again
+       over dp (2D); dp > 1 with tp or pp > 1 needs parallel=fsdp;
     5. the pipeline schedule (pp > 1) around the wrapped stage.
     cfg needs: parallel, activation_checkpointing, compile, cpu_offload, pp_microbatches, pp_schedule,
     grad_accum. Returns the module to train (the DDP wrapper, the stage, or the model) and the Pipeline
     (None when pp = 1).
     """
     mode = cfg.parallel
+    if cfg.cpu_offload and d.is_main and not offload_to_cpu(cfg, d):
+        print(f"pretrain: cpu_offload is a no-op here: {_no_offload_reason(cfg, d)}", file=sys.stderr)
     if mode not in PARALLEL_MODES:
         raise ValueError(f"pretrain.parallel must be one of {PARALLEL_MODES}, got {mode!r}")
     check_layout(model.cfg, d.tp_size, d.pp_size)
@@ -347,7 +365,7 @@ def parallelize(model: nn.Module, d: Dist, cfg) -> tuple[nn.Module, Pipeline | N
         from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
 
         kwargs = {"mesh": d.mesh["dp"]}
-        if cfg.cpu_offload:
+        if offload_to_cpu(cfg, d):
             kwargs["offload_policy"] = CPUOffloadPolicy()
         for i, block in enumerate(blocks):
             # The last block's parameters are needed again at once by backward: keep them gathered.
