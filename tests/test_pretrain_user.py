@@ -108,7 +108,7 @@ def test_another_model_sets_the_old_checkpoints_aside(sample_shards, tmp_path, c
     assert summary["set_aside"] == str(aside)
     assert sorted(p.name for p in aside.iterdir()) == ["metrics.jsonl", "step-00000003"]  # nothing deleted
     err = [line for line in capsys.readouterr().err.splitlines() if "set aside" in line]
-    assert len(err) == 1 and "another run: model differs" in err[0] and str(aside) in err[0]
+    assert len(err) == 1 and "another run (model differs)" in err[0] and str(aside) in err[0]
     assert [p.name for p in (paths.checkpoints / "pretrain").glob("step-*")] == ["step-00000003"]
     assert len(records(paths)) == 3
 
@@ -166,7 +166,7 @@ def test_run_identity_includes_every_token_shard_checksum(sample_shards):
     other = run_identity(cfg, resharded, 1, ["text", "code"])
     assert identity_hash(other) != identity_hash(base)
     saved = {"run_identity": identity_hash(base), "run": base, "schedule": schedule_of(cfg), "step": 6}
-    assert plan_start(saved, other, schedule_of(cfg)) == ("set_aside", "another run: data differs")
+    assert plan_start(saved, other, schedule_of(cfg)) == ("set_aside", "another run (data differs)")
     assert plan_start(saved, base, schedule_of(cfg)) == ("resume", "")
 
 

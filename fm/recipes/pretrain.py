@@ -146,14 +146,14 @@ def plan_start(saved: dict | None, identity: dict, schedule: dict, fresh: bool =
     if saved.get("run_identity") != identity_hash(identity):
         old = saved.get("run") or {}
         differ = [k for k in identity if k in old and old[k] != identity[k]]
-        return "set_aside", f"another run: {', '.join(differ)} {'differs' if len(differ) == 1 else 'differ'}" if differ else "another run"
+        return "set_aside", f"another run ({', '.join(differ)} {'differs' if len(differ) == 1 else 'differ'})" if differ else "another run"
     old = saved["schedule"]
     if old == schedule:
         return "resume", ""
     changed = ", ".join(f"{k} {old.get(k)} -> {schedule[k]}" for k in schedule if old.get(k) != schedule[k])
     if saved["step"] < schedule["max_steps"]:
         return "continue", changed
-    return "set_aside", f"its step {saved['step']} is not before max_steps={schedule['max_steps']} and the schedule changed ({changed})"
+    return "set_aside", f"the schedule changed ({changed}) and step {saved['step']} is not before max_steps {schedule['max_steps']}"
 
 
 def run(cfg: PretrainConfig, paths: Paths, progress: bool = True, fresh: bool = False) -> dict:
@@ -213,7 +213,7 @@ def _run(cfg: PretrainConfig, paths: Paths, d: Dist, progress: bool, fresh: bool
         ckpt_root.mkdir(parents=True, exist_ok=True)
         if action == "set_aside":
             aside = set_aside(ckpt_root, saved.get("run_identity", "unknown")[:8])
-            print(f"pretrain: checkpoints up to step {saved['step']} set aside ({why}) in {aside}; starting at step 0",
+            print(f"pretrain: {why}: checkpoints up to step {saved['step']} set aside in {aside}; training from step 0",
                   file=sys.stderr)
             summary_extra["set_aside"] = str(aside)
         elif action == "continue":
