@@ -12,6 +12,7 @@ unless `force`. The flow holds the work dir's lock for its whole run.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal, Optional
 
 from prefect import flow
@@ -40,13 +41,15 @@ def pipeline(
     Args:
         raw: The raw corpus folder (text/, code/, image_text/, triples/).
         workdir: Where the layers 02_ingested .. 08_reports are written.
-        params_file: The params file (one section per stage); relative paths are from the project root.
+        params_file: The params file (one section per stage).
         overrides: Settings for this run only, as section.key=value (e.g. curate.jaccard_threshold=0.7). A stage whose sections they change reruns and is not recorded in dvc.lock.
         stages: Run only these stages (empty: all).
         from_stage: Run this stage and everything downstream of it.
         force: Rerun stages that dvc.lock records as up to date; training stages start from scratch.
     """
     selected = select_stages(stages, from_stage)
+    # absolute paths: a stage's work never depends on the working directory (DVC calls may change it)
+    raw, workdir, params_file = (str(Path(p).resolve()) for p in (raw, workdir, params_file))
     ctx = RunContext(raw, workdir, params_file, tuple(overrides or ()))
     ctx.params()  # a bad setting fails here, before any stage starts
     with workdir_lock(workdir, f"fm run (stages: {', '.join(selected)})"):

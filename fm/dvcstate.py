@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,6 +92,38 @@ class RunContext:
         return True, ""
 
 
+@contextmanager
+def _dvc_at(root: Path):
+    """Hold the DVC mutex, in the project root: DVC's run cache resolves `dvc.yaml` against the
+    working directory, so a served run (or one started elsewhere) would be "outside the repo".
+    Stage code never depends on the working directory (flows pass absolute paths), so changing it
+    for the length of one DVC call under the mutex is safe."""
+    with _dvc_mutex:
+        before = os.getcwd()
+        if Path(before).resolve() != root:
+            os.chdir(root)
+        try:
+            with _repo(root) as repo:
+                yield repo
+        finally:
+            os.chdir(before)
+
+
+def _repo(root: Path):
+    """A DVC Repo at root, with DVC's logging made a library's: `import dvc` binds its own handlers to
+    the sys.stdout/stderr of that moment (a closed stream later, under a test runner or a served run)
+    and logs INFO per commit; here its warnings go through the caller's logging like any library's."""
+    os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+    from dvc.repo import Repo
+
+    for name in ("dvc", "dvc_objects", "dvc_data"):
+        logger = logging.getLogger(name)
+        logger.handlers.clear()
+        logger.setLevel(logging.WARNING)
+        logger.propagate = True
+    return Repo(str(root))
+
+
 def _target(root: Path, name: str) -> str:
     return f"{root / 'dvc.yaml'}:{name}"
 
@@ -100,9 +133,7 @@ def stage_is_current(ctx: RunContext, name: str) -> bool:
     tracked, _ = ctx.tracked(name)
     if not tracked:
         return False
-    from dvc.repo import Repo
-
-    with _dvc_mutex, Repo(str(ctx.root)) as repo:
+    with _dvc_at(ctx.root) as repo:
         return not repo.status(targets=[_target(ctx.root, name)])
 
 
@@ -111,10 +142,7 @@ def record_stage(ctx: RunContext, name: str) -> tuple[bool, str]:
     tracked, why = ctx.tracked(name)
     if not tracked:
         return False, why
-    os.environ.setdefault("DVC_NO_ANALYTICS", "1")
-    from dvc.repo import Repo
-
-    with _dvc_mutex, Repo(str(ctx.root)) as repo:
+    with _dvc_at(ctx.root) as repo:
         repo.commit(_target(ctx.root, name), force=True)
     log.info("recorded stage %s in dvc.lock", name)
     return True, ""

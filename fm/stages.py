@@ -79,7 +79,7 @@ STAGES: dict[str, Stage] = {
               upstream=("tokenize",), sections=("shard",), deps=("04_curated", "05_tokens/tokenizer.json"),
               outs=("05_tokens/shards",)),
         Stage("pretrain", pretrain, "Pretrain the decoder LM on the token shards (torchrun when pretrain.nproc > 1).",
-              upstream=("shard",), sections=("pretrain",), deps=("05_tokens/shards",),
+              upstream=("shard",), sections=("pretrain",), deps=("05_tokens/shards", "05_tokens/tokenizer.json"),
               outs=tuple(f"06_models/pretrain/{f}" for f in MODEL_FILES),
               metrics=("06_models/pretrain/summary.json",), plots={"06_models/pretrain/loss.csv": {"x": "step", "y": "loss"}},
               trains=True, tables={"pretrain_loss": "06_models/pretrain/loss.csv"}),

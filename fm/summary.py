@@ -11,7 +11,8 @@ import io
 from rich.console import Console
 from rich.table import Table
 
-HIDDEN = ("stage", "counts", "seconds", "outputs", "stats", "val_curve", "status", "note")
+HIDDEN = ("stage", "counts", "seconds", "outputs", "stats", "val_curve", "status", "note", "expert_load",
+          "previous_schedule", "set_aside", "layout")
 
 
 def _columns(counts: dict) -> list[str]:

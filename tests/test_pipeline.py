@@ -140,7 +140,7 @@ def test_fm_run_then_each_kind_of_edit_reruns_exactly_the_stale_stages(project):
     assert ran(statuses) == {"pretrain"}, statuses
     assert (project / "dvc.lock").read_text() == lock_before
     assert stale(project) == {"pretrain"}  # the weights are not what params.yaml makes
-    # ...and the next plain run retrains from params.yaml
+    # ...and the next plain run trains to params.yaml's max_steps again (continuing the 3-step run)
     assert ran(fm_run()) == {"pretrain"}
     assert stale(project) == set()
 

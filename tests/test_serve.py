@@ -10,12 +10,11 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
 from flows.serve import start_server, stop_server
-from tests.test_pipeline import dvc, dvc_env, make_project, stale
+from tests.test_pipeline import dvc_env, make_project, stale
 
 
 def free_port() -> int:
@@ -36,7 +35,9 @@ def _wait_for_deployment(client, name: str, timeout: float = 120) -> None:
 
 
 @pytest.fixture
-def server(tmp_path):
+def server(tmp_path, monkeypatch):
+    # the server's database lives in PREFECT_HOME: a fresh one, so no deployment of an earlier run answers
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect-home"))
     proc, api_url = start_server("127.0.0.1", free_port(), log_path=tmp_path / "server.log")
     try:
         yield api_url
@@ -66,23 +67,25 @@ def test_serve_runs_a_stage_deployment_through_the_api(tmp_path, server):
             schema = client.read_deployment_by_name("fm-pipeline/curate").parameter_openapi_schema
             assert "curate" in str(schema["properties"]["stages"]) and schema["properties"]["overrides"]["description"]
 
-            def run_and_check(parameters: dict) -> str:
+            def run_and_check(parameters: dict, state: str = "Completed") -> str:
                 flow_run = run_deployment("fm-pipeline/curate", parameters=parameters, timeout=300)
                 assert flow_run.state.is_completed(), (flow_run.state, (tmp_path / "serve.log").read_text()[-3000:])
                 task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id])))
                 assert [t.name for t in task_runs] == ["curate"]
-                assert task_runs[0].state.name == "Completed"
+                assert task_runs[0].state.name == state
                 artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["fm-curate"])))
                 latest = max(artifacts, key=lambda a: a.created)
-                assert latest.flow_run_id == flow_run.id
-                assert "| modality |" in latest.data and "| text |" in latest.data
+                assert latest.flow_run_id == flow_run.id and flow_run.parameters["workdir"] == str(proj / "data")
+                if state == "Completed":  # a skipped stage's artifact says so instead of repeating old counts
+                    assert "| modality |" in latest.data and "| text |" in latest.data
                 return latest.data
 
-            lock_before = None
             first = run_and_check({})
             assert "not recorded" not in first
             assert "curate" not in stale(proj)  # recorded: current for DVC
             lock_before = (proj / "dvc.lock").read_text()
+            # nothing changed: the stage is skipped, and the UI says so by the state's name
+            assert "skipped" in run_and_check({}, state="Skipped")
 
             second = run_and_check({"overrides": ["curate.min_chars=100000"]})
             assert "not recorded in dvc.lock" in second and "curate" in second

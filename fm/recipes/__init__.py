@@ -1,0 +1,1 @@
+"""Stage recipes that train models, each runnable as `python -m fm.recipes.<name>` or under torchrun."""
