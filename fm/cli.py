@@ -166,7 +166,7 @@ def run(
         line = f"{summary['stage']:10s} {summary.get('status', 'ran'):8s}"
         if summary.get("status") != "skipped":
             line += f" {summary.get('seconds', 0):7.1f} s"
-        console.print(line + (f"  ({summary['note']})" if summary.get("note") else ""), soft_wrap=True)
+        console.print(line + (f"  {summary['note']}" if summary.get("note") else ""), soft_wrap=True)
 
 
 @app.command("serve")

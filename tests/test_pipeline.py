@@ -187,3 +187,18 @@ def test_dvc_repro_reruns_exactly_the_stale_stages_and_dvc_push_pull_restores_al
     assert result.returncode == 0 and "corpus_stats" in result.stderr, result.stderr
     # dvc metrics / plots see pretrain's summary and loss curve
     assert "final_loss" in dvc(clone, "metrics", "show")
+
+    # an experiment with another setting, compared with the committed run by pretrain's metrics
+    dvc(project, "exp", "run", "-S", "pretrain.max_steps=6")
+    rows = json.loads(subprocess.run([sys.executable, "-m", "dvc", "exp", "show", "--json"], cwd=project,
+                                     capture_output=True, text=True, env=dvc_env(), check=True).stdout)
+    found = {}
+    for row in rows:
+        for rev in [row, *(row.get("experiments") or [])]:
+            for r in rev.get("revs") or [rev]:
+                data = r.get("data") or {}
+                loss = data.get("metrics", {}).get("data/06_models/pretrain/summary.json", {}).get("data", {}).get("final_loss")
+                steps = data.get("params", {}).get("params.yaml", {}).get("data", {}).get("pretrain", {}).get("max_steps")
+                if loss is not None:
+                    found[steps] = loss
+    assert set(found) == {4, 6}, found

@@ -204,3 +204,36 @@ def test_workdir_lock_refuses_a_second_run_and_takes_over_a_dead_ones(tmp_path):
         assert not (work / ".fm.lock.json").exists()
     finally:
         holder.kill()
+
+
+def _sleepy(name: str, log: list):
+    def run(paths):
+        start = time.monotonic()
+        time.sleep(1.5)
+        log.append((name, start, time.monotonic()))
+        return {"stage": name, "seconds": 1.5}
+    return run
+
+
+def test_flow_runs_independent_branches_side_by_side(tmp_path, monkeypatch):
+    """A DAG a -> (b, c): b and c overlap in time; both start after a ends (a real Prefect run)."""
+    import fm.runner
+    import fm.stages
+    import flows.pipeline
+    from fm.stages import Stage
+    from tasks.stages import _make_task
+
+    log: list = []
+    table = {"a": Stage("a", _sleepy("a", log), "first"),
+             "b": Stage("b", _sleepy("b", log), "left branch", upstream=("a",)),
+             "c": Stage("c", _sleepy("c", log), "right branch", upstream=("a",))}
+    monkeypatch.setattr(fm.stages, "STAGES", table)
+    monkeypatch.setattr(fm.runner, "STAGES", table)
+    monkeypatch.setattr(flows.pipeline, "STAGES", table)
+    monkeypatch.setattr(flows.pipeline, "STAGE_TASKS", {n: _make_task(s) for n, s in table.items()})
+    summaries = flows.pipeline.pipeline(raw=str(tmp_path / "raw"), workdir=str(tmp_path / "work"),
+                                        params_file=str(REPO / "params.yaml"))
+    assert [s["stage"] for s in summaries] == ["a", "b", "c"]
+    spans = {name: (start, end) for name, start, end in log}
+    assert spans["b"][0] >= spans["a"][1] and spans["c"][0] >= spans["a"][1]
+    assert spans["b"][0] < spans["c"][1] and spans["c"][0] < spans["b"][1], spans  # overlap
