@@ -12,13 +12,16 @@ unless `force`. The flow holds the work dir's lock for its whole run.
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Literal, Optional
 
 from prefect import flow
+from prefect.states import Failed
 
 from fm.dvcstate import RunContext
-from fm.lock import workdir_lock
+from fm.lock import WorkdirBusy, workdir_lock
+from fm.runner import recover
 from fm.stages import STAGES, select_stages
 from tasks.stages import STAGE_TASKS
 
@@ -51,13 +54,24 @@ def pipeline(
     # absolute paths: a stage's work never depends on the working directory (DVC calls may change it)
     raw, workdir, params_file = (str(Path(p).resolve()) for p in (raw, workdir, params_file))
     ctx = RunContext(raw, workdir, params_file, tuple(overrides or ()))
-    ctx.params()  # a bad setting fails here, before any stage starts
-    with workdir_lock(workdir, f"fm run (stages: {', '.join(selected)})"):
+    with ExitStack() as held:
+        try:
+            ctx.params()  # a bad setting fails here, before any stage starts
+            held.enter_context(workdir_lock(workdir, f"fm run (stages: {', '.join(selected)})"))
+        except (ValueError, WorkdirBusy) as e:  # one line for the user, not a traceback
+            return Failed(message=str(e), data=e)
+        recover(ctx.paths)  # what a killed run left behind
         futures = {}
         for name in selected:  # table order is a topological order
             upstream = [futures[u] for u in STAGES[name].upstream if u in futures]
             futures[name] = STAGE_TASKS[name].submit(ctx, force, wait_for=upstream)
-        return [futures[name].result() for name in selected]
+        for future in futures.values():
+            future.wait()
+    failed = [futures[n].state for n in selected if futures[n].state.is_failed()]
+    if failed:
+        # The stage's error, as its own one-line message (the task logged it); no second traceback here.
+        return Failed(message="; ".join(s.message for s in failed), data=failed[0].result(raise_on_failure=False))
+    return [futures[name].result() for name in selected]
 
 
 if __name__ == "__main__":

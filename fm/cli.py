@@ -22,6 +22,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from fm.config import describe_section, load_params
 from fm.dvcstate import DVC_PARAMS, DVC_RAW, DVC_WORKDIR, RunContext, find_root
@@ -55,12 +56,32 @@ def run_context(raw: Path | None, workdir: Path | None, params: Path | None, ove
                       tuple(overrides or ()))
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from fm.data.ingest import CorpusError
-    from fm.data.validate import ValidationGateError
-    from fm.lock import WorkdirBusy
+@app.callback()
+def main_options(
+    debug: Annotated[bool, typer.Option("--debug", help="Show the full traceback of an error (errors are one line otherwise).")] = False,
+) -> None:
+    if debug:
+        os.environ["FM_DEBUG"] = "1"
 
-    return (CorpusError, ValidationGateError, FileNotFoundError, ValueError, WorkdirBusy)
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from fm.runner import USER_ERRORS
+
+    return USER_ERRORS
+
+
+def fail(where: str, e: BaseException) -> typer.Exit:
+    """One line naming what failed (the path and the cause for an OSError); the traceback with --debug."""
+    if isinstance(e, OSError) and e.filename and e.strerror:
+        text = f"{e.strerror}: {e.filename}" + (f" -> {e.filename2}" if e.filename2 else "")
+    else:
+        text = str(e) or type(e).__name__
+    console.print(f"[red]error[/] ({where}): {escape(text)}", soft_wrap=True, highlight=False)
+    if os.environ.get("FM_DEBUG"):
+        console.print_exception()
+    elif isinstance(e, OSError):
+        console.print("  (fm --debug ... shows the traceback)", style="dim")
+    return typer.Exit(1)
 
 
 def _params_epilog(stage) -> str:
@@ -92,16 +113,16 @@ def _stage_command(name: str):
         force: bool = False,
     ) -> None:
         from fm.lock import workdir_lock
-        from fm.runner import execute_stage
+        from fm.runner import execute_stage, recover
 
         ctx = run_context(raw, workdir, params, overrides)
         try:
             ctx.params()
             with workdir_lock(ctx.workdir, f"fm {name}"):
+                recover(ctx.paths)
                 summary = execute_stage(name, ctx, force=force, skip_current=False)
         except _user_errors() as e:
-            console.print(f"[red]error[/] ({name}): {e}", soft_wrap=True)
-            raise typer.Exit(1)
+            raise fail(name, e)
         print_summary(summary, console)
 
     command.__doc__ = stage.help
@@ -150,8 +171,7 @@ def run(
         validate_names(list(stages or []) + ([from_stage] if from_stage else []))
         ctx.params()
     except ValueError as e:
-        console.print(f"[red]error[/]: {e}", soft_wrap=True)
-        raise typer.Exit(1)
+        raise fail("run", e)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("DO_NOT_TRACK", "1")
     from flows.pipeline import pipeline
@@ -160,8 +180,7 @@ def run(
         summaries = pipeline(raw=ctx.raw, workdir=ctx.workdir, params_file=ctx.params_file,
                              overrides=list(ctx.overrides), stages=stages, from_stage=from_stage, force=force)
     except _user_errors() as e:
-        console.print(f"[red]error[/]: {e}", soft_wrap=True)
-        raise typer.Exit(1)
+        raise fail("run", e)
     for summary in summaries:
         line = f"{summary['stage']:10s} {summary.get('status', 'ran'):8s}"
         if summary.get("status") != "skipped":
@@ -191,8 +210,7 @@ def serve(
         schedule = ctx.params().schedule
         serve_deployments(ctx, schedule, host=host, port=port, say=lambda m: console.print(m, soft_wrap=True))
     except (ValueError, RuntimeError, OSError) as e:
-        console.print(f"[red]error[/] (serve): {e}", soft_wrap=True)
-        raise typer.Exit(1)
+        raise fail("serve", e)
 
 
 @app.command("dvc-yaml")
@@ -252,8 +270,7 @@ def plan(
             console.print(f"[dim]{manifest} not found: vocab_size {vocab} from preset {cfg.preset}[/]")
         print_plan(make_plan(cfg, model_config(cfg, vocab)), Console())
     except _user_errors() as e:
-        console.print(f"[red]error[/] (plan): {e}", soft_wrap=True)
-        raise typer.Exit(1)
+        raise fail("plan", e)
 
 
 _register_stage_commands()

@@ -160,6 +160,9 @@ class PretrainConfig:
             raise ValueError(f"pretrain.pp_microbatches ({self.pp_microbatches}) must divide batch_size ({self.batch_size})")
         # warmup_steps >= max_steps is allowed (a short `dvc exp run -S pretrain.max_steps=10`): the
         # schedule shortens the warmup and the summary records the one it used.
+        for name in ("eval_every", "ckpt_every", "log_every"):  # 0 means never (a warning says so at the start)
+            if getattr(self, name) < 0:
+                raise ValueError(f"pretrain.{name} must be >= 0 (0: never), got {getattr(self, name)}")
         if self.warmup_steps < 0:
             raise ValueError(f"pretrain.warmup_steps must be >= 0, got {self.warmup_steps}")
         if any(w < 0 for w in self.mix.values()):
@@ -207,7 +210,10 @@ def parse_override(text: str) -> tuple[str, list[str], object]:
     section, *keys = dotted.split(".")
     if not all(keys):
         raise ValueError(f"override {text!r} must look like section.key=value")
-    return section, keys, yaml.safe_load(raw)
+    try:
+        return section, keys, yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return section, keys, raw  # not YAML: the plain string (the type check says if a string is wrong)
 
 
 def _apply_override(data: dict, text: str) -> None:
@@ -239,7 +245,12 @@ def load_params(path: str | Path = "params.yaml", overrides: list[str] | tuple =
     path = Path(path)
     data: dict = {}
     if path.exists():
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f", line {mark.line + 1} column {mark.column + 1}" if mark else ""
+            raise ValueError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
         if not isinstance(data, dict):
             raise ValueError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
     data = copy.deepcopy({k: dict(v or {}) for k, v in data.items()})
@@ -252,12 +263,32 @@ def load_params(path: str | Path = "params.yaml", overrides: list[str] | tuple =
         raise ValueError(f"{path}: {e}") from None
     for name, values in data.items():
         cls = classes[name]
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - fields)
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - set(fields))
         if unknown:
             raise ValueError(f"{path}: unknown key(s) in section '{name}': {', '.join(unknown)}")
-        sections[name] = cls(**values)
+        try:
+            checked = {key: _checked(f"{name}.{key}", value, fields[key].type) for key, value in values.items()}
+            sections[name] = cls(**checked)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
     return Params(**sections)
+
+
+_TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,), "dict": (dict,), "tuple": (list, tuple)}
+_WHAT = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string", "dict": "a mapping",
+         "tuple": "a list"}
+
+
+def _checked(key: str, value, annotation):
+    """The value if it has the setting's type (an int where a float is wanted becomes a float); else ValueError."""
+    kind = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", str(annotation))
+    allowed = _TYPES.get(kind)
+    if allowed is None:
+        return value
+    if isinstance(value, bool) and kind != "bool" or not isinstance(value, allowed):
+        raise ValueError(f"{key} = {value!r} must be {_WHAT[kind]}")
+    return float(value) if kind == "float" else value
 
 
 def describe_section(name: str, path: str | Path = "params.yaml") -> list[tuple[str, object, str]]:

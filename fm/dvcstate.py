@@ -84,8 +84,10 @@ class RunContext:
         """Whether stage `name` of this run is what dvc.yaml describes; else why not (one line)."""
         from fm.stages import STAGES
 
+        if self.root is None:
+            return False, ""  # not a DVC project: nothing to record, nothing to say
         if not self.dvc_paths():
-            return False, "paths or params file differ from dvc.yaml's (or no DVC project)"
+            return False, "paths or params file differ from dvc.yaml's"
         changed = self.overridden_sections(STAGES[name].sections)
         if changed:
             return False, f"--set overrides change params section(s) {', '.join(changed)}"

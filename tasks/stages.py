@@ -12,14 +12,16 @@ what is current, and a second cache could disagree with it.
 
 from __future__ import annotations
 
+import os
+
 from prefect import Task, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
-from prefect.states import Completed
+from prefect.states import Completed, Failed
 
 from fm.dvcstate import RunContext
-from fm.runner import execute_stage
+from fm.runner import USER_ERRORS, execute_stage
 from fm.stages import STAGES, Stage
 from fm.summary import as_markdown, as_text
 
@@ -39,7 +41,13 @@ def _io_error(task, task_run, state) -> bool:
 
 def _make_task(stage: Stage) -> Task:
     def run_stage_task(ctx: RunContext, force: bool = False):
-        summary = execute_stage(stage.name, ctx, force=force)
+        try:
+            summary = execute_stage(stage.name, ctx, force=force)
+        except USER_ERRORS as e:
+            if os.environ.get("FM_DEBUG"):
+                raise
+            # a user's error (bad input, settings, disk): one line in the UI and the log, no traceback
+            return Failed(message=f"{stage.name}: {e}", data=e)
         get_run_logger().info("\n%s", as_text(summary))
         create_markdown_artifact(key=f"fm-{stage.name.replace('_', '-')}", markdown=as_markdown(summary),
                                  description=f"fm stage {stage.name}: counts and figures of its last run")
