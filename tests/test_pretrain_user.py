@@ -8,7 +8,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
-import subprocess
 
 import pytest
 import torch
@@ -107,8 +106,11 @@ def test_another_model_sets_the_old_checkpoints_aside(sample_shards, tmp_path, c
     (aside,) = set_aside_dirs(paths)
     assert summary["set_aside"] == str(aside)
     assert sorted(p.name for p in aside.iterdir()) == ["metrics.jsonl", "step-00000003"]  # nothing deleted
-    err = [line for line in capsys.readouterr().err.splitlines() if "set aside" in line]
-    assert len(err) == 1 and "another run (model differs)" in err[0] and str(aside) in err[0]
+    err = capsys.readouterr().err.splitlines()
+    why = [line for line in err if "another run (model differs)" in line]
+    where = [line for line in err if "set aside in" in line]
+    assert len(why) == 1 and "training from step 0" in why[0]
+    assert len(where) == 1 and str(aside) in where[0] and "up to step 3" in where[0]
     assert [p.name for p in (paths.checkpoints / "pretrain").glob("step-*")] == ["step-00000003"]
     assert len(records(paths)) == 3
 
@@ -228,7 +230,7 @@ def test_layout_errors_are_one_line_before_torchrun(sample_shards, tmp_path, mon
     def no_launch(*args, **kwargs):
         raise AssertionError("torchrun was launched")
 
-    monkeypatch.setattr(subprocess, "run", no_launch)
+    monkeypatch.setattr(recipe, "run_torchrun", no_launch)
     paths = workdir(tmp_path, sample_shards, "w")
     with pytest.raises(ValueError, match=message):
         pretrain(cfg_of(**changes), paths)

@@ -12,6 +12,12 @@ weights, and the k-th sample of modality m is window perm(seed, m, epoch)[k % n_
 epoch = k // n_windows, so each modality reshuffles at its own epoch boundary. Process r of
 world w keeps the samples i with i % w == r.
 
+Trust. `verify_token_shards` checks every token shard against the sha256 and size that `fm shard`
+wrote into manifest.json, and every token id against the tokenizer's vocabulary, in one read of
+each file; the pretrain stage calls it once before training. The loader itself checks the ids of
+every window it reads (a few hundred integers), so a bad id is an error naming its shard file,
+never an IndexError deep in the embedding.
+
 The state is only global counters (the sample cursor and how many windows each modality
 has used), so a run resumes exactly mid-epoch or at an epoch boundary, and a checkpoint from
 4 processes resumes on 2 (or 1) as long as the global batch stays the same.
@@ -19,6 +25,7 @@ has used), so a run resumes exactly mid-epoch or at an epoch boundary, and a che
 
 from __future__ import annotations
 
+import hashlib
 import warnings
 from pathlib import Path
 
@@ -28,6 +35,45 @@ import torch
 from fm.data.shards import load_manifest, read_token_shard
 
 _DRAW_BLOCK = 4096  # modality draws are made in blocks of this many samples
+_READ_BYTES = 1 << 22  # verify_token_shards reads files in blocks of this many bytes
+REBUILD = "rerun `fm shard` (or `fm run --from shard`)"
+
+
+def verify_token_shards(shard_dir: str | Path, manifest: dict | None = None) -> int:
+    """Check each token shard named in manifest.json: present, its size and sha256 as recorded, every token
+    id below the tokenizer's vocab_size. One read per file (hashing and the id range in the same pass).
+    Raises FileNotFoundError or ValueError naming the file and what to do; returns the bytes checked."""
+    shard_dir = Path(shard_dir)
+    manifest = manifest if manifest is not None else load_manifest(shard_dir)
+    listed = shard_dir / "manifest.json"
+    dtype, vocab_size = np.dtype(manifest["dtype"]), manifest["tokenizer"]["vocab_size"]
+    checked = 0
+    for entry in manifest["shards"]:
+        if entry["kind"] != "tokens":
+            continue
+        path = shard_dir / entry["path"]
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing (listed in {listed}): {REBUILD}")
+        size = path.stat().st_size
+        if size != entry["bytes"]:
+            raise ValueError(f"{path} has {size} bytes, {listed} says {entry['bytes']}: the shard is truncated or was "
+                             f"changed since `fm shard` wrote it; {REBUILD}")
+        digest, top, top_at, offset = hashlib.sha256(), -1, 0, 0
+        with open(path, "rb") as f:
+            while block := f.read(_READ_BYTES - _READ_BYTES % dtype.itemsize):
+                digest.update(block)
+                ids = np.frombuffer(block, dtype=dtype, count=len(block) // dtype.itemsize)  # (n,)
+                if len(ids) and int(ids.max()) > top:
+                    top, top_at = int(ids.max()), offset + int(ids.argmax())
+                offset += len(ids)
+        if digest.hexdigest() != entry["sha256"]:
+            raise ValueError(f"{path} does not match its sha256 in {listed}: the shard is damaged or was changed since "
+                             f"`fm shard` wrote it; {REBUILD}")
+        if top >= vocab_size:
+            raise ValueError(f"{path}: token id {top} at token {top_at} is outside the vocabulary (vocab_size {vocab_size} in "
+                             f"{listed}): the shard was not made with this tokenizer; {REBUILD}")
+        checked += size
+    return checked
 
 
 class TokenLoader:
@@ -52,12 +98,15 @@ class TokenLoader:
         self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
         self.rank, self.world_size = rank, world_size
         self.modality_codes = manifest["codes"]["modality"]
+        self.vocab_size = manifest["tokenizer"]["vocab_size"]
         window = seq_len + 1
 
         streams: dict[str, list[np.memmap]] = {}
+        paths: dict[str, list[Path]] = {}
         for entry in manifest["shards"]:
             if entry["kind"] == "tokens":
                 streams.setdefault(entry["modality"], []).append(read_token_shard(self.shard_dir / entry["path"], manifest["dtype"]))
+                paths.setdefault(entry["modality"], []).append(self.shard_dir / entry["path"])
         weights = dict(weights) if weights else {m: 1.0 for m in streams}
         missing = sorted(m for m, w in weights.items() if w > 0 and m not in streams)
         if missing and len(missing) == sum(1 for w in weights.values() if w > 0):
@@ -68,6 +117,7 @@ class TokenLoader:
 
         self.modalities: list[str] = []
         self._shards: dict[str, list[np.memmap]] = {}
+        self._paths: dict[str, list[Path]] = {}  # the files behind _shards, for error messages
         self._offsets: dict[str, np.ndarray] = {}  # cumulative token offsets of a modality's shards
         self._windows: dict[str, tuple[int, int]] = {}  # [first, end) window ids of this split
         for m in sorted(weights, key=self.modality_codes.index):
@@ -81,6 +131,7 @@ class TokenLoader:
                 continue  # too little of this modality for a window in this split
             self.modalities.append(m)
             self._shards[m] = streams[m]
+            self._paths[m] = paths[m]
             self._offsets[m] = np.cumsum([0] + [len(s) for s in streams[m]])
             self._windows[m] = (first, end)
         if not self.modalities:
@@ -121,6 +172,10 @@ class TokenLoader:
             lo = start + filled - offsets[s]
             take = min(length - filled, len(shards[s]) - lo)
             out[filled:filled + take] = shards[s][lo:lo + take]
+            if take and out[filled:filled + take].max() >= self.vocab_size:  # would be an IndexError naming no file
+                at = lo + int(out[filled:filled + take].argmax())
+                raise ValueError(f"{self._paths[m][s]}: token id {int(shards[s][at])} at token {at} is outside the vocabulary "
+                                 f"(vocab_size {self.vocab_size} in {self.shard_dir / 'manifest.json'}): {REBUILD}")
             filled += take
             s += 1
         return out

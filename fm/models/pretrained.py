@@ -7,9 +7,11 @@
     print(tokenizer.decode(out[0].tolist()))
 
 A model folder is self-contained: `model.safetensors` (weights; a tied LM head is stored once, as
-`tok_emb.weight`), `config.json` (`"model"`: the ModelConfig fields; also the tokenizer's sha256, the
-training config and schedule) and `tokenizer.json` (Hugging Face tokenizers). Loading reads
-safetensors and JSON only: nothing is unpickled. The same by hand:
+`tok_emb.weight`), `config.json` (`"model"`: the ModelConfig fields; `"weights"`: the size and sha256
+of model.safetensors; also the tokenizer's sha256, the training config and schedule) and
+`tokenizer.json` (Hugging Face tokenizers). Loading checks both files against those checksums and
+refuses a damaged or changed one; it reads safetensors and JSON only: nothing is unpickled. The same
+by hand (without the checks):
 
     cfg = json.loads(Path(d, "config.json").read_text())["model"]
     model = Decoder(ModelConfig(**cfg))
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -28,13 +31,38 @@ from safetensors.torch import load_file
 from fm.models.decoder import Decoder, ModelConfig
 
 
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verify_weights(model_dir: Path, config: dict) -> None:
+    """model.safetensors against the size and sha256 that config.json recorded when it was exported."""
+    path, want = model_dir / "model.safetensors", config.get("weights")
+    if want is None:
+        warnings.warn(f"{model_dir / 'config.json'} records no sha256 for model.safetensors (exported by an older fm): "
+                      f"loading it unverified", stacklevel=3)
+        return
+    size = path.stat().st_size
+    if size != want["bytes"] or sha256_file(path) != want["sha256"]:
+        what = f"has {size} bytes, config.json says {want['bytes']}" if size != want["bytes"] else "does not match its sha256 in config.json"
+        raise ValueError(f"{path} {what}: the weights are damaged or were changed after export; export the model again "
+                         f"(rerun `fm pretrain`: a finished run exports again without training)")
+
+
 def load_decoder(model_dir: str | Path, device: str | torch.device = "cpu") -> Decoder:
-    """Rebuild a Decoder from config.json and load model.safetensors into it (strictly; no pickle involved)."""
+    """Rebuild a Decoder from config.json and load model.safetensors into it (checked against config.json's
+    sha256, then strictly; no pickle involved)."""
     model_dir = Path(model_dir)
     for name in ("config.json", "model.safetensors"):
         if not (model_dir / name).is_file():
             raise FileNotFoundError(f"{model_dir / name} not found: not an fm model folder")
-    cfg = ModelConfig.from_dict(json.loads((model_dir / "config.json").read_text())["model"])
+    config = json.loads((model_dir / "config.json").read_text())
+    verify_weights(model_dir, config)
+    cfg = ModelConfig.from_dict(config["model"])
     model = Decoder(cfg)
     try:
         model.load_state_dict(load_file(str(model_dir / "model.safetensors")))
@@ -53,6 +81,7 @@ def load_pretrained(model_dir: str | Path, device: str | torch.device = "cpu"):
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: the model folder has no tokenizer (written by an older fm?)")
     expected = json.loads((model_dir / "config.json").read_text()).get("tokenizer", {}).get("sha256")
-    if expected and hashlib.sha256(path.read_bytes()).hexdigest() != expected:
-        raise ValueError(f"{path} is not the tokenizer this model was trained with (sha256 differs from config.json)")
+    if expected and sha256_file(path) != expected:
+        raise ValueError(f"{path} is not the tokenizer this model was trained with (sha256 differs from config.json): "
+                         f"export the model again (rerun `fm pretrain`: a finished run exports again without training)")
     return model, Tokenizer.from_file(str(path))

@@ -21,8 +21,17 @@ Where a rerun starts (`plan_start`): the newest checkpoint is
                  min_lr_ratio, mix) and it is before the new max_steps: training longer, or on with a lower
                  LR or other mixing weights; the LR follows the new schedule from that step on;
     set aside    otherwise (another model, data, seed, global batch, optimizer or set of modalities; a
-                 changed schedule at or past its max_steps; or `fresh`): moved to
-                 06_models/checkpoints/pretrain.old-<run>-<time>/, never deleted, and training starts at 0.
+                 changed schedule at or past its max_steps; or `fresh`): training starts at 0, and when it
+                 saves its first checkpoint the old ones move to 06_models/checkpoints/pretrain.old-<run>-<time>/,
+                 never deleted. Until then they stay where they are: a run that fails before its first
+                 checkpoint leaves the old run resumable by rerunning the old configuration.
+
+What is trusted. The token shards are checked against manifest.json (size, sha256, token ids below
+the vocabulary) and the tokenizer against its sha256 before training: once by the stage before torchrun,
+once per node otherwise. A checkpoint is resumed only if it matches its checksums.json; a damaged or
+incomplete newest one is renamed step-XXXXXXXX.corrupt with a one-line warning and the next older one is
+resumed. Killing the stage (Ctrl-C, SIGTERM, SIGKILL) takes torchrun and its workers down with it
+(fm.train.launch).
 """
 
 from __future__ import annotations
@@ -33,7 +42,6 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from contextlib import nullcontext
@@ -42,16 +50,18 @@ from pathlib import Path
 import torch
 
 from fm.config import PretrainConfig, load_params
-from fm.data.loader import TokenLoader
+from fm.data.loader import TokenLoader, verify_token_shards
 from fm.data.schema import MODALITIES
 from fm.data.shards import load_manifest, sha256_file
 from fm.io import atomic_dir
 from fm.models.decoder import PRESETS, Decoder, ModelConfig
 from fm.paths import Paths
-from fm.train.checkpoint import export_model, load_checkpoint, newest_train_state, save_checkpoint, set_aside
+from fm.train.checkpoint import export_model, load_checkpoint, newest_intact_checkpoint, save_checkpoint, set_aside
+from fm.train.launch import die_with_parent, run_torchrun
 from fm.train.loop import measure_matmul_peak, train
 from fm.train.optim import build_optimizer, effective_warmup
-from fm.train.parallel import Dist, broadcast_object, check_layout, destroy_distributed, init_distributed, parallelize
+from fm.train.parallel import (Dist, all_gather_object, broadcast_object, check_layout, destroy_distributed,
+                               init_distributed, parallelize)
 
 # Settings that change how a run is executed but not the numbers it computes: a checkpoint
 # written under one of them resumes under another (different process count, FSDP vs DDP, ...).
@@ -63,6 +73,8 @@ EXECUTION_ONLY = ("batch_size", "grad_accum", "nproc", "parallel", "cpu_offload"
 # checkpoint, if that is before the new max_steps). The data loader's state stays valid under a new
 # mix as long as it draws from the same modalities, which are part of the run identity.
 SCHEDULE = ("max_steps", "warmup_steps", "lr", "min_lr_ratio", "mix")
+# A run that will set another run's checkpoints aside logs here until it has saved its first checkpoint.
+PENDING_METRICS = ".metrics-pending.jsonl"
 
 
 def model_config(cfg: PretrainConfig, vocab_size: int) -> ModelConfig:
@@ -83,10 +95,11 @@ def model_config(cfg: PretrainConfig, vocab_size: int) -> ModelConfig:
     return dataclasses.replace(PRESETS[cfg.preset], **overrides)
 
 
-def prepare(cfg: PretrainConfig, paths: Paths) -> tuple[Path, dict, ModelConfig]:
+def prepare(cfg: PretrainConfig, paths: Paths, verify: bool = False) -> tuple[Path, dict, ModelConfig]:
     """Everything a run can refuse before it trains: shards and their tokenizer present, the model config,
-    its (pp, dp, tp) layout, domain ids. Run once in the stage's own process before torchrun, so a mistake
-    is one line rather than a traceback from every process. Returns (shard dir, manifest, model config)."""
+    its (pp, dp, tp) layout, domain ids; with `verify`, every token shard against manifest.json too (a read
+    of all of them: see verify_token_shards). Run once in the stage's own process before torchrun, so a
+    mistake is one line rather than a traceback from every process. Returns (shard dir, manifest, model config)."""
     shard_dir = paths.tokens / "shards"
     if not (shard_dir / "manifest.json").is_file():
         raise FileNotFoundError(f"{shard_dir} has no manifest.json: run `fm shard` first")
@@ -95,7 +108,10 @@ def prepare(cfg: PretrainConfig, paths: Paths) -> tuple[Path, dict, ModelConfig]
     if not tokenizer.is_file():
         raise FileNotFoundError(f"{tokenizer} not found: the shards' tokenizer is missing (run `fm tokenize` and `fm shard`)")
     if sha256_file(tokenizer) != manifest["tokenizer"]["sha256"]:
-        raise ValueError(f"{tokenizer} is not the tokenizer the shards were made with: run `fm shard` again")
+        raise ValueError(f"{tokenizer} does not match its sha256 in {shard_dir / 'manifest.json'}: it is not the tokenizer "
+                         f"the shards were made with; rerun `fm shard` (or `fm run --from shard`)")
+    if verify:
+        verify_token_shards(shard_dir, manifest)
     mcfg = model_config(cfg, manifest["tokenizer"]["vocab_size"])
     check_layout(mcfg, cfg.tp, cfg.pp)
     if mcfg.moe_layers and mcfg.moe_routing == "domain":
@@ -156,18 +172,35 @@ def plan_start(saved: dict | None, identity: dict, schedule: dict, fresh: bool =
     return "set_aside", f"the schedule changed ({changed}) and step {saved['step']} is not before max_steps {schedule['max_steps']}"
 
 
-def run(cfg: PretrainConfig, paths: Paths, progress: bool = True, fresh: bool = False) -> dict:
-    """Train in this process (one of torchrun's, or alone) and return the summary (rank 0)."""
+def run(cfg: PretrainConfig, paths: Paths, progress: bool = True, fresh: bool = False, verified: bool = False) -> dict:
+    """Train in this process (one of torchrun's, or alone) and return the summary (rank 0).
+    verified: the token shards were checked just before (by the stage that launched torchrun)."""
     d = init_distributed(tp=cfg.tp, pp=cfg.pp)
     try:
-        return _run(cfg, paths, d, progress, fresh)
+        return _run(cfg, paths, d, progress, fresh, verified)
     finally:
         destroy_distributed()
 
 
-def _run(cfg: PretrainConfig, paths: Paths, d: Dist, progress: bool, fresh: bool) -> dict:
+def _verify_on_each_node(shard_dir: Path, manifest: dict, d: Dist) -> None:
+    """verify_token_shards by local rank 0 of every node (each node reads its own copy of the shards);
+    every rank raises the first error, so none waits in a collective for a rank that gave up."""
+    error = None
+    if d.local_rank == 0:
+        try:
+            verify_token_shards(shard_dir, manifest)
+        except (OSError, ValueError) as e:
+            error = (type(e).__name__, str(e))
+    for found in all_gather_object(error):
+        if found:
+            raise (FileNotFoundError if found[0] == "FileNotFoundError" else ValueError)(found[1])
+
+
+def _run(cfg: PretrainConfig, paths: Paths, d: Dist, progress: bool, fresh: bool, verified: bool) -> dict:
     start = time.perf_counter()
     shard_dir, manifest, mcfg = prepare(cfg, paths)
+    if not verified:
+        _verify_on_each_node(shard_dir, manifest, d)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     if d.device.type == "cpu":
@@ -192,16 +225,21 @@ def _run(cfg: PretrainConfig, paths: Paths, d: Dist, progress: bool, fresh: bool
 
     ckpt_root = paths.checkpoints / "pretrain"
     identity, schedule = run_identity(cfg, manifest, d.dp_size, loader.modalities), schedule_of(cfg)
-    # Rank 0 looks at the newest checkpoint and decides; every rank follows.
+    # Rank 0 finds the newest intact checkpoint and decides; every rank follows.
     action, why, newest, saved = "start", "", None, None
     if d.is_main:
-        found = newest_train_state(ckpt_root)
+        found, skipped = newest_intact_checkpoint(ckpt_root)
+        for path, problem, moved in skipped:
+            print(f"pretrain: checkpoint {path} is damaged or incomplete ({problem}): not resumed, kept as {moved.name}",
+                  file=sys.stderr)
         newest, saved = found if found else (None, None)
         action, why = plan_start(saved, identity, schedule, fresh)
+        if action in ("resume", "continue") and "checksums" not in saved:
+            print(f"pretrain: {newest} has no checksums.json (saved by an older fm): resuming it unverified", file=sys.stderr)
     action, newest = broadcast_object((action, str(newest) if newest else None))
     start_step, history_of_schedule, summary_extra = 0, [{"from_step": 0, **schedule}], {}
     if action in ("resume", "continue"):
-        state = load_checkpoint(Path(newest), model, optimizer)
+        state = load_checkpoint(Path(newest), model, optimizer, verify=False)  # rank 0 has just checked it
         loader.load_state_dict(state["loader"])
         start_step = state["step"]
         history_of_schedule = state["schedule_history"]
@@ -209,13 +247,17 @@ def _run(cfg: PretrainConfig, paths: Paths, d: Dist, progress: bool, fresh: bool
             history_of_schedule = history_of_schedule + [{"from_step": start_step, **schedule}]
             summary_extra = {"continued_from_step": start_step, "previous_max_steps": state["schedule"]["max_steps"],
                              "previous_schedule": {k: v for k, v in state["schedule"].items() if schedule[k] != v}}
+    # Another run's checkpoints move aside only once this run has saved one of its own: a run that fails
+    # before that leaves them in place, resumable. Until then this run logs to PENDING_METRICS.
+    metrics_path, old_run = ckpt_root / "metrics.jsonl", None
     if d.is_main:
         ckpt_root.mkdir(parents=True, exist_ok=True)
+        (ckpt_root / PENDING_METRICS).unlink(missing_ok=True)  # from a run that failed before its first save
         if action == "set_aside":
-            aside = set_aside(ckpt_root, saved.get("run_identity", "unknown")[:8])
-            print(f"pretrain: {why}: checkpoints up to step {saved['step']} set aside in {aside}; training from step 0",
-                  file=sys.stderr)
-            summary_extra["set_aside"] = str(aside)
+            old_run = (saved.get("run_identity", "unknown")[:8], saved["step"])
+            metrics_path = ckpt_root / PENDING_METRICS
+            print(f"pretrain: {why}: training from step 0 (the checkpoints up to step {saved['step']} move aside "
+                  f"when this run saves its first)", file=sys.stderr)
         elif action == "continue":
             print(f"pretrain: continuing the run from step {start_step} with a new schedule ({why})", file=sys.stderr)
         elif action == "resume" and start_step >= cfg.max_steps:
@@ -223,26 +265,39 @@ def _run(cfg: PretrainConfig, paths: Paths, d: Dist, progress: bool, fresh: bool
                   f"(to train from step 0: fm pretrain --force, or --fresh here)", file=sys.stderr)
         elif action == "resume":
             print(f"pretrain: resuming from step {start_step}", file=sys.stderr)
-        _truncate_metrics(ckpt_root / "metrics.jsonl", start_step)
+        if action != "set_aside":
+            _truncate_metrics(metrics_path, start_step)
     warmup = effective_warmup(cfg.warmup_steps, cfg.max_steps)
     if warmup != cfg.warmup_steps and d.is_main and start_step < cfg.max_steps:
         print(f"pretrain: warmup_steps ({cfg.warmup_steps}) >= max_steps ({cfg.max_steps}): warming up over "
               f"{warmup} steps (a tenth of the run) instead", file=sys.stderr)
 
+    def set_old_run_aside(leave: tuple[str, ...] = ()) -> None:
+        nonlocal old_run
+        tag, old_step = old_run
+        aside = set_aside(ckpt_root, tag, leave=("launch.json", PENDING_METRICS, *leave))
+        os.replace(ckpt_root / PENDING_METRICS, ckpt_root / "metrics.jsonl")  # the loop's open file follows the rename
+        print(f"pretrain: the other run's checkpoints up to step {old_step} set aside in {aside}", file=sys.stderr)
+        summary_extra["set_aside"] = str(aside)
+        old_run = None
+
     def checkpoint(step: int) -> None:
         save_checkpoint(ckpt_root, step, model, optimizer,
                         {"loader": loader.state_dict(), "run_identity": identity_hash(identity), "run": identity,
                          "schedule": schedule, "schedule_history": history_of_schedule, "config": dataclasses.asdict(cfg)},
-                        d, keep=cfg.keep_checkpoints)
+                        d, keep=cfg.keep_checkpoints,
+                        before_publish=(lambda tmp: set_old_run_aside((tmp.name,))) if old_run else None)
 
     to_train = start_step < cfg.max_steps
     peak = cfg.peak_tflops * 1e12 or (measure_matmul_peak(d.device, _matmul_dtype(dtype)) if to_train else 0.0)
     bar = _progress() if (progress and d.is_main and to_train) else nullcontext(None)
     with bar as prog:
         history = train(model, optimizer, loader, cfg, d, val_loader=val_loader, start_step=start_step,
-                        checkpoint_fn=checkpoint, metrics_path=ckpt_root / "metrics.jsonl",
+                        checkpoint_fn=checkpoint, metrics_path=metrics_path,
                         flops_per_token=mcfg.flops_per_token(cfg.seq_len), peak_flops=peak, progress=prog,
                         pipeline=pipeline)
+    if old_run:  # trained without saving a checkpoint (ckpt_every 0)
+        set_old_run_aside()
 
     if history and not cfg.peak_tflops:
         # A peak measured while other work shared the device reads low (and MFU high): measure
@@ -334,23 +389,24 @@ def _progress():
 
 
 def pretrain(cfg: PretrainConfig, paths: Paths, fresh: bool = False) -> dict:
-    """The pretrain stage: train in this process, or launch torchrun when cfg.nproc > 1.
+    """The pretrain stage: train in this process, or launch torchrun when cfg.nproc > 1 (which never
+    outlives this process: see fm.train.launch).
 
     fresh: set existing checkpoints aside and train from step 0, whatever they are.
     """
     if cfg.nproc == 1:
         return run(cfg, paths, fresh=fresh)
-    prepare(cfg, paths)  # config, data and layout errors as one line here, not a traceback per process
+    prepare(cfg, paths, verify=True)  # config, data and layout errors as one line here, not a traceback per process
     launch = paths.checkpoints / "pretrain" / "launch.json"
     launch.parent.mkdir(parents=True, exist_ok=True)
     launch.write_text(json.dumps(dataclasses.asdict(cfg)))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(cfg.nproc),
            "-m", "fm.recipes.pretrain", "--config", str(launch), "--raw", str(paths.raw), "--workdir", str(paths.workdir),
-           "--quiet", *(["--fresh"] if fresh else [])]
+           "--quiet", "--verified", *(["--fresh"] if fresh else [])]
     env = dict(os.environ, OMP_NUM_THREADS=str(cfg.threads or max(1, (os.cpu_count() or 1) // cfg.nproc)))
-    result = subprocess.run(cmd, env=env)
-    if result.returncode != 0:
-        raise RuntimeError(f"torchrun exited with code {result.returncode}: {' '.join(cmd)}")
+    returncode = run_torchrun(cmd, env)
+    if returncode != 0:
+        raise RuntimeError(f"torchrun exited with code {returncode}: {' '.join(cmd)}")
     summary = json.loads((paths.models / "pretrain" / "summary.json").read_text())
     summary["outputs"] = [str(paths.models / "pretrain")]
     return summary
@@ -382,12 +438,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--workdir", default="data")
     ap.add_argument("--fresh", action="store_true", help="set existing checkpoints aside and train from step 0")
     ap.add_argument("--quiet", action="store_true", help="no closing line (the stage that launched torchrun prints its own)")
+    ap.add_argument("--verified", action="store_true", help="the token shards were just verified (by the stage that launched torchrun)")
     args = ap.parse_args(argv)
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # a torchrun worker: never outlive torchrun
+        die_with_parent()
     if args.config:
         cfg = PretrainConfig(**json.loads(Path(args.config).read_text()))
     else:
         cfg = load_params(args.params, args.overrides).pretrain
-    summary = run(cfg, Paths(args.raw, args.workdir), fresh=args.fresh)
+    summary = run(cfg, Paths(args.raw, args.workdir), fresh=args.fresh, verified=args.verified)
     if int(os.environ.get("RANK", "0")) == 0 and not args.quiet:
         print(describe(summary))
 

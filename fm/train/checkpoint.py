@@ -8,14 +8,24 @@ not a tensor (step, data-loader state, RNG, the config it was built from) sits b
 DCP's own metadata is pickled: a checkpoint folder is the run's own state, meant to be
 resumed by the run that wrote it, never a file to take from someone else.
 
+Nothing is resumed unchecked. Each checkpoint carries `checksums.json` (size and sha256 of every
+file in it, train_state.json included), written last; `newest_intact_checkpoint` walks the step
+folders newest first and takes the first that matches it. A damaged or incomplete one is renamed
+`step-XXXXXXXX.corrupt` (kept for inspection, never loaded, never counted or pruned) and the
+next older one is tried. A checkpoint saved before checksums existed (train_state.json without
+`"checksums"`) is resumed with a note that it is unverified. Pruning to `keep` only happens after
+the new checkpoint is complete and hashed, so the newest intact one is never pruned.
+
 The consumable model (`export_model`; `load_model` is fm.models.pretrained.load_decoder) is
 `model.safetensors` + `config.json` (the recipe adds `tokenizer.json`): what every later stage
-reads. Loading it never unpickles anything.
+reads. config.json records the weights' size and sha256 (`"weights"`), which loading checks.
+Loading it never unpickles anything.
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import re
@@ -24,6 +34,7 @@ import time
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -39,9 +50,11 @@ from torch.distributed.checkpoint.state_dict import (
 from fm.io import atomic_path
 from fm.models.decoder import ModelConfig
 from fm.models.pretrained import load_decoder as load_model  # noqa: F401  what later stages call
-from fm.train.parallel import Dist, barrier, gather_pipeline_state, unwrap
+from fm.models.pretrained import sha256_file
+from fm.train.parallel import Dist, all_gather_object, barrier, gather_pipeline_state, unwrap
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
+CHECKSUMS = "checksums.json"
 
 
 @contextmanager
@@ -52,20 +65,77 @@ def _single_process_quiet():
         yield
 
 
+def step_dirs(root: Path) -> list[Path]:
+    """root's step-XXXXXXXX folders, oldest first (temporary and set-apart ones never match)."""
+    return sorted(p for p in root.iterdir() if STEP_DIR.match(p.name)) if root.is_dir() else []
+
+
 def latest_checkpoint(root: Path) -> Path | None:
-    """The newest complete checkpoint folder under root (temporary ones never match)."""
-    if not root.is_dir():
-        return None
-    steps = sorted(p for p in root.iterdir() if STEP_DIR.match(p.name) and (p / "train_state.json").is_file())
+    """The newest checkpoint folder under root that has its train_state.json (not verified: see newest_intact_checkpoint)."""
+    steps = [p for p in step_dirs(root) if (p / "train_state.json").is_file()]
     return steps[-1] if steps else None
 
 
-def set_aside(root: Path, tag: str) -> Path | None:
-    """Move root's checkpoints (step folders, unfinished ones, metrics.jsonl) into a new sibling folder
+def checkpoint_problem(path: Path) -> str | None:
+    """What is wrong with a checkpoint folder ("train_state.json is missing", "__0_0.distcp does not match its
+    sha256", ...), or None when every file matches its checksums.json (or it predates checksums)."""
+    try:
+        state = json.loads((path / "train_state.json").read_text())
+    except FileNotFoundError:
+        return "train_state.json is missing"
+    except (ValueError, UnicodeDecodeError):
+        return "train_state.json is not valid JSON"
+    if "checksums" not in state:
+        return None  # saved by an fm without checksums: nothing to check against
+    try:
+        files = json.loads((path / CHECKSUMS).read_text())["files"]
+    except FileNotFoundError:
+        return f"{CHECKSUMS} is missing"
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        return f"{CHECKSUMS} is not readable"
+    if ".metadata" not in files or "train_state.json" not in files:
+        return f"{CHECKSUMS} does not list .metadata and train_state.json"
+    for name, want in sorted(files.items()):
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size != want["bytes"]:
+            return f"{name} has {file.stat().st_size} bytes, {CHECKSUMS} says {want['bytes']}"
+        if sha256_file(file) != want["sha256"]:
+            return f"{name} does not match its sha256 in {CHECKSUMS}"
+    return None
+
+
+def move_damaged(path: Path) -> Path:
+    """Rename a damaged checkpoint folder to `<name>.corrupt` (or `.corrupt-N`): kept for inspection, never
+    loaded, pruned or outranking a good one."""
+    target, n = path.with_name(f"{path.name}.corrupt"), 1
+    while target.exists():
+        target, n = path.with_name(f"{path.name}.corrupt-{n}"), n + 1
+    os.replace(path, target)
+    return target
+
+
+def newest_intact_checkpoint(root: Path) -> tuple[tuple[Path, dict] | None, list[tuple[Path, str, Path]]]:
+    """The newest checkpoint under root that passes its checksums, with its train_state.json (None if there is
+    none), and the newer ones passed over on the way as (folder, problem, where it was moved). Run by one
+    process (rank 0): a damaged folder is renamed by move_damaged, never loaded and never deleted."""
+    skipped = []
+    for path in reversed(step_dirs(root)):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return (path, json.loads((path / "train_state.json").read_text())), skipped
+        skipped.append((path, problem, move_damaged(path)))
+    return None, skipped
+
+
+def set_aside(root: Path, tag: str, leave: tuple[str, ...] = ("launch.json",)) -> Path | None:
+    """Move root's checkpoints (step folders, unfinished and damaged ones, metrics.jsonl) into a new sibling folder
     `<root>.old-<tag>-<YYYYmmdd-HHMMSS>` and return it; None when root holds no checkpoint. Nothing is deleted:
     another run's state is out of this run's way (its step numbers would outrank and prune this run's own)
-    and can still be looked at, resumed by moving it back, or removed by hand."""
-    if not root.is_dir() or not any(STEP_DIR.match(p.name) for p in root.iterdir()):
+    and can still be looked at, resumed by moving it back, or removed by hand. `leave`: names that stay
+    (the current launch's config; the new run's own files when it sets the old run aside at its first save)."""
+    if not root.is_dir() or not any(STEP_DIR.match(p.name.split(".")[0]) for p in root.iterdir()):
         return None
     aside = root.with_name(f"{root.name}.old-{tag}-{time.strftime('%Y%m%d-%H%M%S')}")
     n = 1
@@ -73,17 +143,9 @@ def set_aside(root: Path, tag: str) -> Path | None:
         aside, n = root.with_name(f"{root.name}.old-{tag}-{time.strftime('%Y%m%d-%H%M%S')}-{n}"), n + 1
     aside.mkdir()
     for p in root.iterdir():
-        if p.name != "launch.json":  # the current launch's config, not the old run's state
+        if p.name not in leave:
             os.replace(p, aside / p.name)
     return aside
-
-
-def newest_train_state(root: Path) -> tuple[Path, dict] | None:
-    """The newest complete checkpoint under root and its train_state.json, or None."""
-    latest = latest_checkpoint(root)
-    if latest is None:
-        return None
-    return latest, json.loads((latest / "train_state.json").read_text())
 
 
 def rng_state() -> dict:
@@ -96,8 +158,13 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    train_state: dict, d: Dist, keep: int = 2) -> Path:
-    """Write step `step`'s full training state to root/step-XXXXXXXX (collective: every rank calls)."""
+                    train_state: dict, d: Dist, keep: int = 2, before_publish: Callable[[Path], None] | None = None) -> Path:
+    """Write step `step`'s full training state to root/step-XXXXXXXX (collective: every rank calls).
+
+    Order: DCP files and train_state.json into a temporary folder; every file hashed (the ranks share the
+    work) into checksums.json; `before_publish(temporary folder)` on rank 0; rename into place; prune to the
+    newest `keep`.
+    """
     final = root / f"step-{step:08d}"
     tmp = root / f".tmp-step-{step:08d}"
     if d.is_main:
@@ -107,20 +174,32 @@ def save_checkpoint(root: Path, step: int, model: nn.Module, optimizer: torch.op
     model_sd, optim_sd = get_state_dict(unwrap(model), optimizer)
     with _single_process_quiet():
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
-    barrier()
     if d.is_main:
-        (tmp / "train_state.json").write_text(json.dumps({**train_state, "step": step, "rng": rng_state()}, indent=1))
+        (tmp / "train_state.json").write_text(json.dumps({**train_state, "step": step, "rng": rng_state(),
+                                                          "checksums": CHECKSUMS}, indent=1))
+    barrier()
+    # Every process hashes a share of the files (read back from disk, as a resume will read them).
+    names = sorted(p.name for p in tmp.iterdir())
+    mine = {n: {"bytes": (tmp / n).stat().st_size, "sha256": sha256_file(tmp / n)} for n in names[d.rank::d.world_size]}
+    files = {n: v for part in all_gather_object(mine) for n, v in part.items()}
+    if d.is_main:
+        (tmp / CHECKSUMS).write_text(json.dumps({"files": dict(sorted(files.items()))}, indent=1))
+        if before_publish is not None:
+            before_publish(tmp)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        done = sorted(p for p in root.iterdir() if STEP_DIR.match(p.name))
-        for old in done[:-keep]:
+        for old in step_dirs(root)[:-keep]:  # the one just written is complete and hashed: never zero left
             shutil.rmtree(old, ignore_errors=True)
     barrier()
     return final
 
 
-def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    """Load model and optimizer state from a DCP folder (any process count); return train_state.json."""
+def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, verify: bool = True) -> dict:
+    """Load model and optimizer state from a DCP folder (any process count); return train_state.json.
+    verify: check the folder against its checksums.json first (ValueError naming the problem); the recipe
+    passes False for a folder newest_intact_checkpoint has just checked."""
+    if verify and (problem := checkpoint_problem(path)):
+        raise ValueError(f"checkpoint {path} is damaged or incomplete: {problem}")
     model_sd, optim_sd = get_state_dict(unwrap(model), optimizer)
     state = {"model": model_sd, "optim": optim_sd}
     with _single_process_quiet():
@@ -144,6 +223,7 @@ def export_model(model: nn.Module, cfg: ModelConfig, out_dir: Path, d: Dist, met
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
     with atomic_path(out_dir / "model.safetensors") as tmp:
         save_file(tensors, str(tmp), metadata={"format": "pt", "fm_model": "decoder"})
+        weights = {"path": "model.safetensors", "bytes": tmp.stat().st_size, "sha256": sha256_file(tmp)}
     with atomic_path(out_dir / "config.json") as tmp:
-        tmp.write_text(json.dumps({"model": cfg.to_dict(), **(meta or {})}, indent=2))
+        tmp.write_text(json.dumps({"model": cfg.to_dict(), "weights": weights, **(meta or {})}, indent=2))
     return out_dir

@@ -136,6 +136,15 @@ def broadcast_object(obj):
     return box[0]
 
 
+def all_gather_object(obj) -> list:
+    """Every rank's Python object, in rank order, on every rank ([obj] in a single process)."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def _checkpoint_block(block: nn.Module) -> None:
     """Recompute this block's activations in the backward pass instead of storing them.
 
