@@ -1,0 +1,364 @@
+"""Nothing trusted blindly, nothing lost: damaged token shards and out-of-range token ids are one
+error naming the file; a damaged or incomplete newest checkpoint is passed over for the newest
+intact one (and the resumed losses equal an uninterrupted run's); tampered weights are refused;
+another run's checkpoints stay resumable until this run has saved its own; and a killed
+multi-process `fm pretrain` leaves no torchrun or worker behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import fm.recipes.pretrain as recipe
+import fm.train.checkpoint as ckpt
+import fm.train.loop as loop
+from fm.config import PretrainConfig
+from fm.data.loader import TokenLoader, verify_token_shards
+from fm.data.shards import load_manifest
+from fm.models import load_decoder, load_pretrained
+from fm.paths import Paths
+from fm.recipes.pretrain import pretrain, run
+from fm.train.checkpoint import checkpoint_problem, step_dirs
+from fm.train.launch import LAUNCH_ID, launched_processes
+from fm.train.optim import lr_at
+from tests.conftest import REPO
+
+TINY = dict(preset="tiny", model={"n_layer": 1, "d_model": 32, "n_head": 2}, seq_len=16, batch_size=4, max_steps=6,
+            lr=3e-3, warmup_steps=2, eval_every=3, eval_batches=1, ckpt_every=3, threads=1, peak_tflops=1.0,
+            mix={"text": 1, "code": 1})
+
+
+def cfg_of(**changes) -> PretrainConfig:
+    return PretrainConfig(**{**TINY, **changes})
+
+
+def workdir(tmp_path: Path, shards: Paths, name: str, copy_tokens: bool = False) -> Paths:
+    """A fresh work dir reading the sample shards (a private copy of them when a test damages them)."""
+    wd = tmp_path / name
+    wd.mkdir()
+    if copy_tokens:
+        shutil.copytree(shards.tokens, wd / "05_tokens")
+    else:
+        (wd / "05_tokens").symlink_to(shards.tokens, target_is_directory=True)
+    return Paths(shards.raw, wd)
+
+
+def losses(paths: Paths) -> list[float]:
+    return [json.loads(line)["loss"] for line in (paths.models / "pretrain" / "metrics.jsonl").read_text().splitlines()]
+
+
+def flip_byte(path: Path, at: int | None = None) -> None:
+    data = bytearray(path.read_bytes())
+    at = len(data) // 2 if at is None else at
+    data[at] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def token_shard(paths: Paths, modality: str) -> Path:
+    shard_dir = paths.tokens / "shards"
+    entry = next(e for e in load_manifest(shard_dir)["shards"] if e["kind"] == "tokens" and e["modality"] == modality)
+    return shard_dir / entry["path"]
+
+
+# ------------------------------------------------------------------ token shards
+
+
+def test_a_flipped_byte_in_a_token_shard_is_one_error_naming_it(sample_shards, tmp_path, monkeypatch):
+    paths = workdir(tmp_path, sample_shards, "w", copy_tokens=True)
+    shard = token_shard(paths, "text")
+    flip_byte(shard)
+    with pytest.raises(ValueError) as error:
+        run(cfg_of(), paths, progress=False)
+    message = str(error.value)
+    assert message.startswith(f"{shard} does not match its sha256 in {shard.parent / 'manifest.json'}")
+    assert "rerun `fm shard` (or `fm run --from shard`)" in message and "\n" not in message
+    assert not (paths.checkpoints / "pretrain").exists()  # refused before anything was trained or written
+
+    # With nproc > 1 the stage refuses it in its own process, before torchrun starts.
+    def no_launch(*args, **kwargs):
+        raise AssertionError("torchrun was launched")
+
+    monkeypatch.setattr(recipe, "run_torchrun", no_launch)
+    with pytest.raises(ValueError, match=re.escape(f"{shard} does not match its sha256")):
+        pretrain(cfg_of(nproc=2, batch_size=2), paths)
+
+    # A truncated shard says so.
+    shard.write_bytes(shard.read_bytes()[:-2])
+    with pytest.raises(ValueError, match=re.escape(f"{shard} has ") + r"\d+ bytes, .* says \d+: the shard is truncated"):
+        run(cfg_of(), paths, progress=False)
+
+
+def test_a_token_id_out_of_the_vocabulary_is_refused_naming_the_shard(sample_shards, tmp_path):
+    """A shard whose checksum matches but whose ids do not fit the tokenizer (made with another one)."""
+    paths = workdir(tmp_path, sample_shards, "w", copy_tokens=True)
+    shard_dir = paths.tokens / "shards"
+    manifest = load_manifest(shard_dir)
+    vocab_size = manifest["tokenizer"]["vocab_size"]
+    shard = token_shard(paths, "code")
+    tokens = np.fromfile(shard, dtype=manifest["dtype"])
+    tokens[:] = vocab_size  # every window of this shard holds an id one past the vocabulary
+    tokens.tofile(shard)
+    entry = next(e for e in manifest["shards"] if e["path"] == shard.name)
+    entry["sha256"] = ckpt.sha256_file(shard)  # the manifest agrees: only the ids are wrong
+    (shard_dir / "manifest.json").write_text(json.dumps(manifest))
+
+    with pytest.raises(ValueError, match=re.escape(f"{shard}: token id {vocab_size} at token 0 is outside the vocabulary")):
+        verify_token_shards(shard_dir)
+    with pytest.raises(ValueError, match=re.escape(f"{shard}: token id {vocab_size}")):
+        run(cfg_of(), paths, progress=False)
+    # The loader alone (no verification pass) refuses the window it reads, naming the file, not an IndexError.
+    loader = TokenLoader(shard_dir, seq_len=16, batch_size=2, weights={"code": 1})
+    with pytest.raises(ValueError, match=re.escape(f"{shard}: token id {vocab_size} at token ") + r"\d+ is outside"):
+        loader.next_batch()
+
+
+def test_the_tokenizer_is_checked_against_the_manifest(sample_shards, tmp_path):
+    paths = workdir(tmp_path, sample_shards, "w", copy_tokens=True)
+    tokenizer = paths.tokens / "tokenizer.json"
+    tokenizer.write_text(tokenizer.read_text().replace("<|endoftext|>", "<|endoftexT|>", 1))
+    with pytest.raises(ValueError, match=r"tokenizer.json does not match its sha256 in .*manifest.json.*rerun `fm shard`"):
+        run(cfg_of(), paths, progress=False)
+
+
+# ------------------------------------------------------------------ checkpoints
+
+
+def damage(folder: Path, how: str) -> None:
+    biggest = max((p for p in folder.iterdir() if p.suffix == ".distcp"), key=lambda p: p.stat().st_size)
+    if how == "flipped byte":
+        flip_byte(biggest)
+    elif how == "missing file":
+        biggest.unlink()
+    elif how == "missing checksums":
+        (folder / "checksums.json").unlink()
+    elif how == "truncated train_state":
+        path = folder / "train_state.json"
+        path.write_text(path.read_text()[:100])
+
+
+@pytest.mark.parametrize("how", ["flipped byte", "missing file", "missing checksums", "truncated train_state"])
+def test_a_damaged_newest_checkpoint_is_passed_over_for_the_older_one(sample_shards, tmp_path, capsys, how):
+    paths = workdir(tmp_path, sample_shards, "w")
+    run(cfg_of(), paths, progress=False)  # checkpoints at steps 3 and 6
+    straight = losses(paths)
+    root = paths.checkpoints / "pretrain"
+    assert [checkpoint_problem(p) for p in step_dirs(root)] == [None, None]
+    damage(root / "step-00000006", how)
+    capsys.readouterr()
+
+    summary = run(cfg_of(), paths, progress=False)
+    assert summary["resumed_from_step"] == 3
+    err = capsys.readouterr().err.splitlines()
+    warned = [line for line in err if "damaged or incomplete" in line]
+    assert len(warned) == 1 and str(root / "step-00000006") in warned[0] and "kept as step-00000006.corrupt" in warned[0]
+    assert "pretrain: resuming from step 3" in err
+    assert losses(paths) == straight  # bit-identical to the uninterrupted run
+    # the damaged folder is kept aside for inspection; the step-6 checkpoint was written again, intact
+    assert (root / "step-00000006.corrupt").is_dir()
+    assert [p.name for p in step_dirs(root)] == ["step-00000003", "step-00000006"]
+    assert all(checkpoint_problem(p) is None for p in step_dirs(root))
+
+
+def test_every_checkpoint_damaged_trains_from_zero_and_deletes_nothing(sample_shards, tmp_path, capsys):
+    paths = workdir(tmp_path, sample_shards, "w")
+    run(cfg_of(), paths, progress=False)
+    straight = losses(paths)
+    root = paths.checkpoints / "pretrain"
+    for folder in step_dirs(root):
+        damage(folder, "flipped byte")
+    summary = run(cfg_of(), paths, progress=False)
+    assert summary["resumed_from_step"] == 0 and losses(paths) == straight
+    assert len([line for line in capsys.readouterr().err.splitlines() if "damaged or incomplete" in line]) == 2
+    assert sorted(p.name for p in root.glob("step-*.corrupt")) == ["step-00000003.corrupt", "step-00000006.corrupt"]
+
+
+def test_a_crash_while_saving_never_leaves_zero_intact_checkpoints(sample_shards, tmp_path, monkeypatch):
+    """keep_checkpoints=1: the step-3 checkpoint is pruned only once step 6 is complete and hashed."""
+    straight = workdir(tmp_path, sample_shards, "straight")
+    run(cfg_of(keep_checkpoints=1), straight, progress=False)
+
+    paths = workdir(tmp_path, sample_shards, "w")
+    gather, calls = ckpt.all_gather_object, []
+
+    def crash_on_second_save(obj):  # the step-6 files are written; the crash comes before they are published
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError("simulated crash while saving")
+        return gather(obj)
+
+    monkeypatch.setattr(ckpt, "all_gather_object", crash_on_second_save)
+    with pytest.raises(OSError, match="simulated crash"):
+        run(cfg_of(keep_checkpoints=1), paths, progress=False)
+    monkeypatch.setattr(ckpt, "all_gather_object", gather)
+    root = paths.checkpoints / "pretrain"
+    assert [p.name for p in step_dirs(root)] == ["step-00000003"] and checkpoint_problem(root / "step-00000003") is None
+    assert run(cfg_of(keep_checkpoints=1), paths, progress=False)["resumed_from_step"] == 3
+    assert losses(paths) == losses(straight)
+    assert [p.name for p in step_dirs(root)] == ["step-00000006"]
+
+
+def test_a_checkpoint_from_before_checksums_resumes_with_a_note(sample_shards, tmp_path, capsys):
+    paths = workdir(tmp_path, sample_shards, "w")
+    run(cfg_of(), paths, progress=False)
+    newest = paths.checkpoints / "pretrain" / "step-00000006"
+    (newest / "checksums.json").unlink()
+    state = json.loads((newest / "train_state.json").read_text())
+    del state["checksums"]
+    (newest / "train_state.json").write_text(json.dumps(state))
+    capsys.readouterr()
+    assert run(cfg_of(), paths, progress=False)["resumed_from_step"] == 6
+    assert "has no checksums.json (saved by an older fm): resuming it unverified" in capsys.readouterr().err
+
+
+def test_a_run_failing_before_its_first_save_leaves_the_old_run_resumable(sample_shards, tmp_path, monkeypatch, capsys):
+    paths = workdir(tmp_path, sample_shards, "w")
+    root = paths.checkpoints / "pretrain"
+    run(cfg_of(max_steps=3), paths, progress=False)
+    old_losses = losses(paths)
+
+    def crash_at_step_2(step, *args):
+        if step == 1:
+            raise RuntimeError("simulated crash")
+        return lr_at(step, *args)
+
+    monkeypatch.setattr(loop, "lr_at", crash_at_step_2)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run(cfg_of(max_steps=3, seed=1), paths, progress=False)  # another run
+    monkeypatch.setattr(loop, "lr_at", lr_at)
+    assert [p.name for p in step_dirs(root)] == ["step-00000003"] and not list(paths.checkpoints.glob("pretrain.old-*"))
+    assert len((root / "metrics.jsonl").read_text().splitlines()) == 3  # the old run's log, untouched
+
+    capsys.readouterr()
+    summary = run(cfg_of(max_steps=3), paths, progress=False)  # the old configuration finds its own state
+    assert summary["resumed_from_step"] == 3 and "already trained to step 3" in capsys.readouterr().err
+
+    # The other run, run to the end, sets the old checkpoints and log aside at its first save.
+    summary = run(cfg_of(max_steps=3, seed=1), paths, progress=False)
+    (aside,) = paths.checkpoints.glob("pretrain.old-*")
+    assert summary["set_aside"] == str(aside)
+    assert sorted(p.name for p in aside.iterdir()) == ["metrics.jsonl", "step-00000003"]
+    assert [json.loads(line)["loss"] for line in (aside / "metrics.jsonl").read_text().splitlines()] == old_losses
+    assert len(losses(paths)) == 3 and losses(paths) != old_losses
+    assert json.loads((root / "step-00000003" / "train_state.json").read_text())["config"]["seed"] == 1
+
+
+# ------------------------------------------------------------------ exported weights
+
+
+def test_tampered_or_truncated_weights_are_refused_naming_the_file(sample_shards, tmp_path):
+    paths = workdir(tmp_path, sample_shards, "w")
+    run(cfg_of(max_steps=2, ckpt_every=2), paths, progress=False)
+    folder = paths.models / "pretrain"
+    weights = folder / "model.safetensors"
+    recorded = json.loads((folder / "config.json").read_text())["weights"]
+    assert recorded == {"path": "model.safetensors", "bytes": weights.stat().st_size, "sha256": ckpt.sha256_file(weights)}
+    load_pretrained(folder)
+
+    original = weights.read_bytes()
+    flip_byte(weights, len(original) - 5)  # inside a tensor: safetensors itself would load it silently
+    for load in (load_decoder, load_pretrained, ckpt.load_model):
+        with pytest.raises(ValueError, match=re.escape(f"{weights} does not match its sha256 in config.json")):
+            load(folder)
+    weights.write_bytes(original[:-8])
+    with pytest.raises(ValueError, match=re.escape(f"{weights} has {len(original) - 8} bytes, config.json says {len(original)}")):
+        load_pretrained(folder)
+    weights.write_bytes(original)
+    load_pretrained(folder)
+
+
+# ------------------------------------------------------------------ a killed multi-process pretrain
+
+
+def _stat(pid: int) -> list[str] | None:
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return text[text.rindex(")") + 2:].split()  # state, ppid, ... (fields 3 on)
+
+
+def descendants(pid: int) -> dict[int, str]:
+    """pid's live descendants -> their start time (to tell them from a later process with the same pid)."""
+    children: dict[int, list[int]] = {}
+    for proc in Path("/proc").glob("[0-9]*"):
+        fields = _stat(int(proc.name))
+        if fields:
+            children.setdefault(int(fields[1]), []).append(int(proc.name))
+    found, todo = {}, list(children.get(pid, []))
+    while todo:
+        p = todo.pop()
+        fields = _stat(p)
+        if fields:
+            found[p] = fields[19]  # starttime
+            todo += children.get(p, [])
+    return found
+
+
+def alive(pid: int, start: str) -> bool:
+    fields = _stat(pid)
+    return fields is not None and fields[19] == start and fields[0] != "Z"
+
+
+def snapshot(root: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(root)): (p.stat().st_mtime_ns, p.stat().st_size) for p in root.rglob("*") if p.exists()}
+
+
+KILL_SCRIPT = """
+import sys
+from fm.config import PretrainConfig
+from fm.paths import Paths
+from fm.recipes.pretrain import pretrain
+pretrain(PretrainConfig(**{tiny}), Paths(sys.argv[1], sys.argv[2]))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL, signal.SIGINT])
+def test_killing_a_multi_process_pretrain_leaves_nothing_running(sample_shards, tmp_path, sig):
+    paths = workdir(tmp_path, sample_shards, "w")
+    endless = {**TINY, "max_steps": 100_000, "ckpt_every": 5, "eval_every": 100_000, "nproc": 2, "batch_size": 2}
+    script = KILL_SCRIPT.format(tiny=repr(endless))
+    parent = subprocess.Popen([sys.executable, "-c", script, str(paths.raw), str(paths.workdir)], cwd=REPO,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    root, run_procs = paths.checkpoints / "pretrain", {}
+    try:
+        deadline = time.monotonic() + 180
+        while not list(root.glob("step-*")):  # the workers are training and writing checkpoints
+            assert parent.poll() is None, parent.stderr.read()
+            assert time.monotonic() < deadline, "no checkpoint within 180 s"
+            time.sleep(0.2)
+        run_procs = descendants(parent.pid)
+        torchrun = [p for p in run_procs if _stat(p) and int(_stat(p)[1]) == parent.pid]
+        assert len(torchrun) == 1 and len(run_procs) >= 3  # torchrun and its two workers
+        launch_id = dict(line.split(b"=", 1) for line in Path(f"/proc/{torchrun[0]}/environ").read_bytes().split(b"\0")
+                         if b"=" in line)[LAUNCH_ID.encode()].decode()
+        assert len(launched_processes(launch_id)) == len(run_procs)
+
+        os.kill(parent.pid, sig)
+        parent.wait(timeout=60)
+        assert parent.returncode != 0
+        deadline = time.monotonic() + 45
+        while [p for p, start in run_procs.items() if alive(p, start)] and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not [p for p, start in run_procs.items() if alive(p, start)], "processes of the run survived"
+        assert launched_processes(launch_id) == []
+        before = snapshot(root)
+        time.sleep(2)
+        assert snapshot(root) == before  # nobody writes checkpoints or metrics any more
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait()
+        for p, start in run_procs.items():  # never leave a failed test's processes running
+            if alive(p, start):
+                os.kill(p, signal.SIGKILL)
