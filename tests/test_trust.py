@@ -314,22 +314,31 @@ def snapshot(root: Path) -> dict[str, tuple[int, int]]:
 
 
 KILL_SCRIPT = """
-import sys
+import sys, threading
 from fm.config import PretrainConfig
 from fm.paths import Paths
 from fm.recipes.pretrain import pretrain
-pretrain(PretrainConfig(**{tiny}), Paths(sys.argv[1], sys.argv[2]))
+args = (PretrainConfig(**{tiny}), Paths(sys.argv[1], sys.argv[2]))
+if sys.argv[3] == "main":
+    pretrain(*args)
+else:  # as a Prefect task runs it (fm run): in a worker thread, where Python cannot handle signals
+    worker = threading.Thread(target=pretrain, args=args)
+    worker.start()
+    worker.join()
 """
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL, signal.SIGINT])
-def test_killing_a_multi_process_pretrain_leaves_nothing_running(sample_shards, tmp_path, sig):
+@pytest.mark.parametrize("kill, thread", [("SIGTERM", "main"), ("SIGKILL", "main"), ("Ctrl-C", "main"),
+                                          ("Ctrl-C", "worker thread"), ("SIGTERM", "worker thread")])
+def test_killing_a_multi_process_pretrain_leaves_nothing_running(sample_shards, tmp_path, kill, thread):
+    """The stage started as `fm pretrain` would be, in a session of its own (a terminal's foreground group):
+    Ctrl-C is SIGINT to that whole group, SIGTERM and SIGKILL go to the stage alone."""
     paths = workdir(tmp_path, sample_shards, "w")
     endless = {**TINY, "max_steps": 100_000, "ckpt_every": 5, "eval_every": 100_000, "nproc": 2, "batch_size": 2}
     script = KILL_SCRIPT.format(tiny=repr(endless))
-    parent = subprocess.Popen([sys.executable, "-c", script, str(paths.raw), str(paths.workdir)], cwd=REPO,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    parent = subprocess.Popen([sys.executable, "-c", script, str(paths.raw), str(paths.workdir), thread], cwd=REPO,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
     root, run_procs = paths.checkpoints / "pretrain", {}
     try:
         deadline = time.monotonic() + 180
@@ -344,7 +353,10 @@ def test_killing_a_multi_process_pretrain_leaves_nothing_running(sample_shards, 
                          if b"=" in line)[LAUNCH_ID.encode()].decode()
         assert len(launched_processes(launch_id)) == len(run_procs)
 
-        os.kill(parent.pid, sig)
+        if kill == "Ctrl-C":
+            os.killpg(parent.pid, signal.SIGINT)
+        else:
+            os.kill(parent.pid, getattr(signal, kill))
         parent.wait(timeout=60)
         assert parent.returncode != 0
         deadline = time.monotonic() + 45

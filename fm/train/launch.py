@@ -6,11 +6,15 @@
 A multi-process `fm pretrain` is three generations: the stage, torchrun, and torchrun's workers
 (each in its own session, started by torchrun). Killing the stage must take all of them down,
 or orphaned workers go on training, writing checkpoints and logging steps next to a rerun:
-- torchrun runs in a session of its own, and the kernel sends it SIGTERM when the stage dies
-  (Linux PR_SET_PDEATHSIG, set between fork and exec); on SIGTERM torchrun stops its workers.
-- SIGINT and SIGTERM to the stage are forwarded to torchrun as SIGTERM (a second one as
-  SIGKILL); once it is down the stage restores its handlers and raises the signal again, so it
-  ends as it would have without them (KeyboardInterrupt, or death by SIGTERM).
+- the kernel sends torchrun SIGTERM when the stage dies (Linux PR_SET_PDEATHSIG, set between
+  fork and exec); on SIGTERM torchrun stops its workers.
+- called from the main thread (`fm pretrain`), torchrun runs in a session of its own and SIGINT
+  and SIGTERM to the stage are forwarded to it as SIGTERM (a second one as SIGKILL); once it is
+  down the stage restores its handlers and raises the signal again, so it ends as it would have
+  without them (KeyboardInterrupt, or death by SIGTERM). From another thread (a Prefect task
+  of `fm run`), where Python cannot handle signals, torchrun stays in the stage's process group,
+  so a terminal's Ctrl-C reaches it directly, and SIGTERM or SIGKILL to the stage reach it by
+  the death signal.
 - each worker asks the kernel for SIGKILL when torchrun dies, so a torchrun killed with
   SIGKILL leaves no worker behind.
 - in a finally, whatever happened: torchrun is stopped (SIGTERM, SIGKILL after a grace period)
@@ -110,27 +114,35 @@ def run_torchrun(cmd: list[str], env: dict[str, str], grace_s: float = 30.0) -> 
     grace_s: how long torchrun gets to stop its workers after SIGTERM before it is killed.
     """
     launch_id = uuid.uuid4().hex
-    proc = subprocess.Popen(cmd, env={**env, LAUNCH_ID: launch_id}, start_new_session=True,
+    own_session = threading.current_thread() is threading.main_thread()  # only the main thread can handle signals
+    proc = subprocess.Popen(cmd, env={**env, LAUNCH_ID: launch_id}, start_new_session=own_session,
                             preexec_fn=_dies_with_this_process(signal.SIGTERM))
+
+    def stop(sig: int) -> None:
+        if own_session:
+            _signal_group(proc.pid, sig)
+        elif proc.poll() is None:
+            proc.send_signal(sig)
+
     caught: list[int] = []
 
     def forward(signum, frame):
         caught.append(signum)
-        _signal_group(proc.pid, signal.SIGTERM if len(caught) == 1 else signal.SIGKILL)
+        stop(signal.SIGTERM if len(caught) == 1 else signal.SIGKILL)
 
     previous = {}
-    if threading.current_thread() is threading.main_thread():  # Python lets only the main thread handle signals
+    if own_session:
         for sig in (signal.SIGINT, signal.SIGTERM):
             previous[sig] = signal.signal(sig, forward)
     try:
         return proc.wait()
     finally:
         if proc.poll() is None:
-            _signal_group(proc.pid, signal.SIGTERM)
+            stop(signal.SIGTERM)
             try:
                 proc.wait(grace_s)
             except subprocess.TimeoutExpired:
-                _signal_group(proc.pid, signal.SIGKILL)
+                stop(signal.SIGKILL)
                 proc.wait()
         _kill_launched(launch_id)
         for sig, handler in previous.items():
