@@ -25,7 +25,6 @@ Loading it never unpickles anything.
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import os
 import re
@@ -66,7 +65,7 @@ def _single_process_quiet():
 
 
 def step_dirs(root: Path) -> list[Path]:
-    """root's step-XXXXXXXX folders, oldest first (temporary and set-apart ones never match)."""
+    """root's step-XXXXXXXX folders, oldest first (temporary and damaged `.corrupt` ones never match)."""
     return sorted(p for p in root.iterdir() if STEP_DIR.match(p.name)) if root.is_dir() else []
 
 
@@ -93,8 +92,12 @@ def checkpoint_problem(path: Path) -> str | None:
         return f"{CHECKSUMS} is missing"
     except (ValueError, KeyError, TypeError, UnicodeDecodeError):
         return f"{CHECKSUMS} is not readable"
+    if not isinstance(files, dict):
+        return f"{CHECKSUMS} is not readable"
     if ".metadata" not in files or "train_state.json" not in files:
         return f"{CHECKSUMS} does not list .metadata and train_state.json"
+    if not all(isinstance(w, dict) and {"bytes", "sha256"} <= w.keys() for w in files.values()):
+        return f"{CHECKSUMS} is not readable"
     for name, want in sorted(files.items()):
         file = path / name
         if not file.is_file():
