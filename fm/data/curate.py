@@ -39,7 +39,7 @@ from rensa import RMinHash
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from fm.config import CurateConfig
-from fm.data.quarantine import read_quarantine, write_quarantine
+from fm.data.quarantine import check_counts, read_quarantine, write_quarantine
 from fm.data.schema import MODALITIES
 from fm.io import write_parquet
 from fm.paths import Paths
@@ -408,11 +408,12 @@ def curate(cfg: CurateConfig, paths: Paths) -> dict:
         table = pq.read_table(present[modality])
         removals = curate_table(table, modality, cfg)
         kept = [row for row in range(len(table)) if row not in removals]
-        write_parquet(table.take(pa.array(kept, type=pa.int64())), out)
-        outputs.append(str(out))
         kinds = [_reason_kind(reason) for reason, _ in removals.values()]
         counts[modality] = {"in": len(table), "kept": len(kept), "quarantined": len(removals),
                             **{kind: kinds.count(kind) for kind in REASONS}}  # fmt: skip
+        check_counts("curate", {modality: counts[modality]})
+        write_parquet(table.take(pa.array(kept, type=pa.int64())), out)
+        outputs.append(str(out))
         stats += corpus_stats(table, modality, removals)
         source_files, positions, ids = (table[c].to_pylist() for c in ("source_file", "position", "id"))
         quarantine += [

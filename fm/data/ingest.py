@@ -6,15 +6,27 @@ Reads the raw corpus contract of DESIGN.md (text/, code/, image_text/, triples/)
 every record to the modality's schema (fm/data/schema.py), detects the language offline where
 the record does not name it, decodes, checks and resizes images, and writes
 `02_ingested/{modality}.parquet` plus `02_ingested/quarantine.parquet` for every record it
-could not take, with the file, line and reason. records in = kept + quarantined, per modality.
+could not take, with the file, line and reason.
+
+Nothing is trusted: a record is kept only when every field has the type the contract names and
+its text is clean (`unclean_reason`: no NUL, no other control character but tab, newline and
+carriage return, no U+FFFD, no lone surrogate). Whatever goes wrong with one record (bad UTF-8,
+JSON that is malformed or nested too deeply, an image path the file system refuses, an image
+that crashes the decoder) costs that record only. `in` counts the records of the source files
+(non-blank lines of a jsonl or tsv file, one per other file), not what the readers returned, and
+the stage fails unless in = kept + quarantined for every modality, or when no record is kept at all.
 """
 
 from __future__ import annotations
 
+import errno
 import io
 import json
+import os
+import re
 import time
 import warnings
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,35 +36,48 @@ from PIL import Image, ImageOps
 
 from fm.config import IngestConfig
 from fm.data.schema import MODALITIES, QUARANTINE_SCHEMA, SCHEMAS, content_id
-from fm.data.quarantine import write_quarantine
+from fm.data.quarantine import check_counts, write_quarantine
 from fm.io import atomic_dir
 from fm.paths import Paths
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+RECORD_PER_LINE_SUFFIXES = {".jsonl", ".tsv"}  # every other file is one record
+MAX_REASON_CHARS = 500
 # fastText's lid.176 names several Chinese varieties; fm groups them under one "zh".
 _ZH_VARIANTS = {"zh", "yue", "wuu", "gan", "hak", "lzh", "cdo", "nan"}
 
+# What clean text never holds: C0 control characters other than tab, newline and carriage return;
+# U+FFFD, the mark of a lossy decode upstream; lone UTF-16 surrogates, which JSON can spell
+# ("\ud800") but UTF-8 cannot encode. Source code may also hold form feeds (PEP 8 allows them).
+_UNCLEAN = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffd\ud800-\udfff]")
+_UNCLEAN_CODE = re.compile("[\x00-\x08\x0b\x0e-\x1f\ufffd\ud800-\udfff]")
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f\ud800-\udfff]")
+
 
 class CorpusError(ValueError):
-    """The corpus as a whole cannot be read (missing or empty folder): a one-line message."""
+    """The corpus as a whole cannot be used (missing, empty, no usable record): a one-line message."""
+
+
+class Rejected(Exception):
+    """A record that breaks the raw corpus contract; the message is its quarantine reason."""
 
 
 @dataclass
 class FileResult:
-    """What one raw file gave: kept rows, quarantined rows, and how many records it held."""
+    """What one raw file gave: kept rows and quarantined rows."""
 
     rows: list[dict] = field(default_factory=list)
     quarantined: list[dict] = field(default_factory=list)
-    records_in: int = 0
 
     def reject(self, modality: str, source_file: str, position: int, reason: str) -> None:
-        self.records_in += 1
+        reason = printable(reason)
+        if len(reason) > MAX_REASON_CHARS:
+            reason = reason[: MAX_REASON_CHARS - 3] + "..."
         self.quarantined.append(
             {"modality": modality, "source_file": source_file, "position": position, "stage": "ingest", "reason": reason}
         )
 
     def keep(self, row: dict) -> None:
-        self.records_in += 1
         self.rows.append(row)
 
 
@@ -70,15 +95,46 @@ def detect_lang(text: str) -> str:
     return "zh" if lang in _ZH_VARIANTS else lang
 
 
+# ---------------------------------------------------------------------------- clean text
+
+
+def unclean_reason(text: str, what: str = "text", allow_form_feed: bool = False) -> str | None:
+    """Why `text` is not clean text ("NUL character in text at character 12"), or None."""
+    match = (_UNCLEAN_CODE if allow_form_feed else _UNCLEAN).search(text)
+    if match is None:
+        return None
+    char = match.group()
+    if char == "\x00":
+        kind = "NUL character"
+    elif char == "\ufffd":
+        kind = "replacement character U+FFFD"
+    elif "\ud800" <= char <= "\udfff":
+        kind = f"lone surrogate U+{ord(char):04X}"
+    else:
+        kind = f"control character U+{ord(char):04X}"
+    return f"{kind} in {what} at character {match.start()}"
+
+
+def printable(text: str) -> str:
+    """`text` with control characters and lone surrogates spelled as escapes: safe to store and print."""
+    return _UNPRINTABLE.sub(lambda m: m.group().encode("unicode_escape", "backslashreplace").decode("ascii"), text)
+
+
+def _display_name(name: str) -> str:
+    """A file name as fm stores it: bytes that are not UTF-8 and control characters become escapes."""
+    if _UNPRINTABLE.search(name):
+        name = printable(os.fsencode(name).decode("utf-8", "backslashreplace"))
+    return name
+
+
 # ---------------------------------------------------------------------------- helpers
 
 
-def _decode(data: bytes) -> tuple[str | None, str | None]:
-    """bytes -> (text, None) or (None, reason)."""
+def _decode(data: bytes) -> str:
     try:
-        return data.decode("utf-8"), None
+        return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        return None, f"bad utf-8 at byte {e.start}"
+        raise Rejected(f"bad utf-8 at byte {e.start}") from None
 
 
 def _inside(path: Path, root: Path) -> bool:
@@ -87,10 +143,55 @@ def _inside(path: Path, root: Path) -> bool:
         return True
     except ValueError:
         return False
+    except RuntimeError as e:  # pathlib's word for a symlink loop
+        raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), str(path)) from e
+
+
+def _json_type(value) -> str:
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    return {dict: "object", list: "array", str: "string", type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def _check_text(text: str, cfg: IngestConfig, what: str = "text") -> None:
+    """Raise Rejected unless `text` is clean, not blank and at most ingest.max_text_bytes long."""
+    if reason := unclean_reason(text, what, allow_form_feed=what == "code"):  # first: a lone surrogate cannot be encoded
+        raise Rejected(reason)
+    if not text.strip():
+        raise Rejected(f"empty {what}")
+    n = len(text.encode("utf-8"))
+    if n > cfg.max_text_bytes:
+        raise Rejected(f"{what} too long: {n} bytes > ingest.max_text_bytes={cfg.max_text_bytes}")
+
+
+def _required_text(rec: dict, key: str, cfg: IngestConfig, what: str) -> str:
+    value = rec.get(key)
+    if not isinstance(value, str):
+        got = "" if key not in rec else f" (got {_json_type(value)})"
+        raise Rejected(f"missing or non-string field '{key}'{got}")
+    _check_text(value, cfg, what)
+    return value
+
+
+def _optional_string(rec: dict, key: str) -> str | None:
+    """rec[key]: None when absent or null, else a clean string (Rejected otherwise)."""
+    value = rec.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise Rejected(f"field '{key}' must be a string, got {_json_type(value)}")
+    if reason := unclean_reason(value, f"field '{key}'"):
+        raise Rejected(reason)
+    return value
 
 
 def _text_row(modality: str, text: str, source: str, source_file: str, position: int, lang: str | None,
               meta: dict, cfg: IngestConfig, id_parts: tuple = ()) -> dict:
+    meta_json = json.dumps(meta, ensure_ascii=False, sort_keys=True) if meta else None
+    if meta_json and (reason := unclean_reason(meta_json, "the record's other fields")):
+        raise Rejected(reason)
     if lang is None and cfg.detect_lang:
         lang = detect_lang(text)
     return {
@@ -102,38 +203,57 @@ def _text_row(modality: str, text: str, source: str, source_file: str, position:
         "lang": lang or "und",
         "text": text,
         "n_bytes": len(text.encode("utf-8")),
-        "meta": json.dumps(meta, ensure_ascii=False, sort_keys=True) if meta else None,
+        "meta": meta_json,
     }
 
 
-def _check_text(text: str, cfg: IngestConfig, what: str = "text") -> str | None:
-    """Reason to reject a text field, or None."""
-    if not text.strip():
-        return f"empty {what}"
-    n = len(text.encode("utf-8"))
-    if n > cfg.max_text_bytes:
-        return f"{what} too long: {n} bytes > ingest.max_text_bytes={cfg.max_text_bytes}"
-    return None
-
-
-def _jsonl_records(data: bytes, res: FileResult, modality: str, rel: str):
-    """Yield (line_number, dict) for each good line; bad lines go to quarantine."""
+def source_lines(data: bytes):
+    """(1-based line number, bytes) of each non-blank line: the records of a jsonl or tsv file."""
     for lineno, raw_line in enumerate(data.split(b"\n"), start=1):
-        if not raw_line.strip():
-            continue  # blank lines are layout, not records
-        line, reason = _decode(raw_line)
-        if reason:
-            res.reject(modality, rel, lineno, reason)
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            res.reject(modality, rel, lineno, f"malformed json: {e.msg}")
-            continue
-        if not isinstance(rec, dict):
-            res.reject(modality, rel, lineno, f"malformed json: expected an object, got {type(rec).__name__}")
-            continue
-        yield lineno, rec
+        if raw_line.strip():  # blank lines are layout, not records
+            yield lineno, raw_line
+
+
+def count_records(path: Path, data: bytes) -> int:
+    """How many records a raw file holds, counted apart from the readers: what `in` reports."""
+    if path.suffix.lower() in RECORD_PER_LINE_SUFFIXES:
+        return sum(1 for _ in source_lines(data))
+    return 1
+
+
+def _jsonl_record(raw_line: bytes, rel: str, lineno: int) -> dict:
+    """One jsonl line -> its object; Rejected for bad UTF-8, or JSON that is malformed, too deep or not an object."""
+    line = _decode(raw_line)
+    if lineno == 1:
+        line = line.removeprefix("\ufeff")  # a byte order mark some editors write
+    where = f"{rel} line {lineno}"
+    try:
+        rec = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise Rejected(f"malformed json at {where} column {e.colno}: {e.msg}") from None
+    except RecursionError:
+        raise Rejected(f"malformed json at {where}: nested too deeply") from None
+    except ValueError as e:  # an integer of more than 4300 digits; the advice after ";" is for programmers
+        raise Rejected(f"malformed json at {where}: {str(e).split(';')[0]}") from None
+    if not isinstance(rec, dict):
+        raise Rejected(f"malformed json at {where}: expected an object, got {_json_type(rec)}")
+    return rec
+
+
+def _guarded(res: FileResult, modality: str, rel: str, position: int, build, *args) -> None:
+    """Keep the row `build(*args)` returns, or quarantine the record with why it failed: whatever
+    goes wrong with one record (a Rejected, a path the file system refuses, a decoder that
+    crashes on hostile bytes) costs that record only."""
+    try:
+        row = build(*args)
+    except Rejected as e:
+        res.reject(modality, rel, position, str(e))
+    except OSError as e:
+        res.reject(modality, rel, position, f"unreadable: {e.strerror or e}")
+    except Exception as e:  # noqa: BLE001: the record is quarantined with the error as its reason
+        res.reject(modality, rel, position, f"record failed in ingest: {type(e).__name__}: {e}")
+    else:
+        res.keep(row)
 
 
 def _source_name(rel_parts: tuple[str, ...], stem: str) -> str:
@@ -141,84 +261,87 @@ def _source_name(rel_parts: tuple[str, ...], stem: str) -> str:
     return rel_parts[1] if len(rel_parts) > 2 else stem
 
 
+def _code_language(suffix: str, cfg: IngestConfig) -> str | None:
+    languages = {ext.lower(): lang for ext, lang in cfg.code_extensions.items()}
+    return languages.get(suffix.lower())
+
+
 # ---------------------------------------------------------------------------- per modality
 
 
-def ingest_text_file(path: Path, rel: str, source: str, cfg: IngestConfig) -> FileResult:
+def ingest_text_file(path: Path, data: bytes, rel: str, source: str, cfg: IngestConfig) -> FileResult:
     res = FileResult()
-    data = path.read_bytes()
-    if path.suffix == ".txt":
-        text, reason = _decode(data)
-        reason = reason or _check_text(text, cfg)
-        if reason:
-            res.reject("text", rel, 0, reason)
-        else:
-            res.keep(_text_row("text", text, source, rel, 0, None, {}, cfg))
+    if path.suffix.lower() == ".txt":
+        def whole_file():
+            text = _decode(data)
+            _check_text(text, cfg)
+            return _text_row("text", text, source, rel, 0, None, {}, cfg)
+
+        _guarded(res, "text", rel, 0, whole_file)
         return res
-    for lineno, rec in _jsonl_records(data, res, "text", rel):
-        text = rec.get("text")
-        if not isinstance(text, str):
-            res.reject("text", rel, lineno, "missing or non-string field 'text'")
-            continue
-        reason = _check_text(text, cfg)
-        if reason:
-            res.reject("text", rel, lineno, reason)
-            continue
+
+    def line(lineno: int, raw_line: bytes) -> dict:
+        rec = _jsonl_record(raw_line, rel, lineno)
+        text = _required_text(rec, "text", cfg, "text")
+        lang, rec_source = _optional_string(rec, "lang"), _optional_string(rec, "source")
         extra = {k: v for k, v in rec.items() if k not in ("text", "lang", "source")}
-        res.keep(_text_row("text", text, str(rec.get("source") or source), rel, lineno, rec.get("lang"), extra, cfg))
+        return _text_row("text", text, rec_source or source, rel, lineno, lang, extra, cfg)
+
+    for lineno, raw_line in source_lines(data):
+        _guarded(res, "text", rel, lineno, line, lineno, raw_line)
     return res
 
 
-def ingest_code_file(path: Path, rel: str, source: str, cfg: IngestConfig) -> FileResult:
+def ingest_code_file(path: Path, data: bytes, rel: str, source: str, cfg: IngestConfig) -> FileResult:
     res = FileResult()
-    data = path.read_bytes()
-    if path.suffix != ".jsonl":
-        text, reason = _decode(data)
-        reason = reason or _check_text(text, cfg, "code")
-        if reason:
-            res.reject("code", rel, 0, reason)
-        else:
-            lang = cfg.code_extensions[path.suffix.lower()]
-            res.keep(_text_row("code", text, source, rel, 0, lang, {"path": rel}, cfg))
+    if path.suffix.lower() != ".jsonl":
+        def whole_file():
+            text = _decode(data)
+            _check_text(text, cfg, "code")
+            return _text_row("code", text, source, rel, 0, _code_language(path.suffix, cfg), {"path": rel}, cfg)
+
+        _guarded(res, "code", rel, 0, whole_file)
         return res
-    for lineno, rec in _jsonl_records(data, res, "code", rel):
-        text = rec.get("content")
-        if not isinstance(text, str):
-            res.reject("code", rel, lineno, "missing or non-string field 'content'")
-            continue
-        reason = _check_text(text, cfg, "code")
-        if reason:
-            res.reject("code", rel, lineno, reason)
-            continue
-        rec_path = str(rec.get("path") or "")
-        lang = rec.get("language") or cfg.code_extensions.get(Path(rec_path).suffix.lower(), "unknown")
-        res.keep(_text_row("code", text, str(rec.get("source") or source), rel, lineno, lang, {"path": rec_path} if rec_path else {}, cfg))
+
+    def line(lineno: int, raw_line: bytes) -> dict:
+        rec = _jsonl_record(raw_line, rel, lineno)
+        text = _required_text(rec, "content", cfg, "code")
+        rec_path = _optional_string(rec, "path") or ""
+        language, rec_source = _optional_string(rec, "language"), _optional_string(rec, "source")
+        lang = language or _code_language(Path(rec_path).suffix, cfg) or "unknown"
+        return _text_row("code", text, rec_source or source, rel, lineno, lang, {"path": rec_path} if rec_path else {}, cfg)
+
+    for lineno, raw_line in source_lines(data):
+        _guarded(res, "code", rel, lineno, line, lineno, raw_line)
     return res
 
 
-def load_image(path: Path, cfg: IngestConfig) -> tuple[bytes | None, tuple[int, int] | None, str | None]:
-    """Open, check and resize one image -> (PNG bytes, (w, h) of the original, None) or (None, None, reason)."""
+def load_image(path: Path, cfg: IngestConfig) -> tuple[bytes, bytes, tuple[int, int]]:
+    """Read, check and resize one image -> (file bytes, PNG bytes, (w, h) of the original); Rejected if unusable."""
     size = path.stat().st_size
     if size > cfg.max_image_file_bytes:
-        return None, None, f"oversized image file: {size} bytes > ingest.max_image_file_bytes={cfg.max_image_file_bytes}"
+        raise Rejected(f"oversized image file: {size} bytes > ingest.max_image_file_bytes={cfg.max_image_file_bytes}")
+    data = path.read_bytes()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
+            with Image.open(io.BytesIO(data)) as im:
                 if im.format not in ("PNG", "JPEG"):
-                    return None, None, f"unsupported image format {im.format} (PNG or JPEG expected)"
+                    raise Rejected(f"unsupported image format {im.format} (PNG or JPEG expected)")
                 w, h = im.size
                 # Checked on the header, before any pixel is decoded.
                 if w * h > cfg.max_image_pixels:
-                    return None, None, f"decompression bomb: {w}x{h} pixels > ingest.max_image_pixels={cfg.max_image_pixels}"
+                    raise Rejected(f"decompression bomb: {w}x{h} pixels > ingest.max_image_pixels={cfg.max_image_pixels}")
                 if min(w, h) < cfg.min_image_side:
-                    return None, None, f"image too small: {w}x{h} < ingest.min_image_side={cfg.min_image_side}"
+                    raise Rejected(f"image too small: {w}x{h} < ingest.min_image_side={cfg.min_image_side}")
                 im.load()  # a truncated file fails here
                 rgba = im.convert("RGBA")
+    except Rejected:
+        raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        return None, None, f"decompression bomb: {e}"
-    except (OSError, SyntaxError, ValueError) as e:
-        return None, None, f"unreadable image: {e}"
+        raise Rejected(f"decompression bomb: {e}") from None
+    except Exception as e:  # noqa: BLE001: hostile bytes can make a decoder raise anything
+        raise Rejected(f"unreadable image: {e}") from None
     # Transparent pixels become white, then the image is fit into a white square.
     background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
     rgb = Image.alpha_composite(background, rgba).convert("RGB")
@@ -226,36 +349,38 @@ def load_image(path: Path, cfg: IngestConfig) -> tuple[bytes | None, tuple[int, 
     fitted = ImageOps.pad(rgb, (side, side), method=Image.Resampling.BICUBIC, color=(255, 255, 255))
     buf = io.BytesIO()
     fitted.save(buf, format="PNG", optimize=False)
-    return buf.getvalue(), (w, h), None
+    return data, buf.getvalue(), (w, h)
 
 
-def ingest_image_manifest(path: Path, rel: str, source: str, cfg: IngestConfig, root: Path) -> FileResult:
+def ingest_image_manifest(path: Path, data: bytes, rel: str, source: str, cfg: IngestConfig, root: Path) -> FileResult:
     res = FileResult()
-    for lineno, rec in _jsonl_records(path.read_bytes(), res, "image_text", rel):
+
+    def line(lineno: int, raw_line: bytes) -> dict:
+        rec = _jsonl_record(raw_line, rel, lineno)
         caption, image = rec.get("caption"), rec.get("image")
         if not isinstance(caption, str) or not isinstance(image, str) or not image:
-            res.reject("image_text", rel, lineno, "missing or non-string field 'image' or 'caption'")
-            continue
-        reason = _check_text(caption, cfg, "caption")
-        if reason:
-            res.reject("image_text", rel, lineno, reason)
-            continue
+            raise Rejected("missing or non-string field 'image' or 'caption'")
+        _check_text(caption, cfg, "caption")
+        if reason := unclean_reason(image, "field 'image'"):
+            raise Rejected(reason)
+        lang, rec_source = _optional_string(rec, "lang"), _optional_string(rec, "source")
         image_path = path.parent / image
-        if Path(image).is_absolute() or not _inside(image_path, root):
-            res.reject("image_text", rel, lineno, f"image path outside the corpus folder: {image}")
-            continue
-        if not image_path.is_file():
-            res.reject("image_text", rel, lineno, f"image not found: {image}")
-            continue
-        png, original_size, reason = load_image(image_path, cfg)
-        if reason:
-            res.reject("image_text", rel, lineno, f"{reason} ({image})")
-            continue
-        row = _text_row("image_text", caption, str(rec.get("source") or source), rel, lineno, rec.get("lang"),
+        try:
+            if Path(image).is_absolute() or not _inside(image_path, root):
+                raise Rejected(f"image path outside the corpus folder: {image}")
+            if not image_path.is_file():
+                raise Rejected(f"image not found: {image}")
+            image_bytes, png, original_size = load_image(image_path, cfg)
+        except OSError as e:  # e.g. a name longer than the file system allows
+            raise Rejected(f"unreadable image path: {e.strerror or e} ({image})") from None
+        row = _text_row("image_text", caption, rec_source or source, rel, lineno, lang,
                         {"image_path": image, "original_size": list(original_size)}, cfg,
-                        id_parts=(image_path.read_bytes(), caption))
+                        id_parts=(image_bytes, caption))
         row.update(image=png, image_width=cfg.image_size, image_height=cfg.image_size)
-        res.keep(row)
+        return row
+
+    for lineno, raw_line in source_lines(data):
+        _guarded(res, "image_text", rel, lineno, line, lineno, raw_line)
     return res
 
 
@@ -264,41 +389,36 @@ def linearize_triple(subject: str, relation: str, obj: str) -> str:
     return f"{subject} | {relation.replace('_', ' ')} | {obj}"
 
 
-def ingest_triples_file(path: Path, rel: str, source: str, cfg: IngestConfig) -> FileResult:
+def ingest_triples_file(path: Path, data: bytes, rel: str, source: str, cfg: IngestConfig) -> FileResult:
     res = FileResult()
-    data = path.read_bytes()
-    if path.suffix == ".tsv":
-        records = []
-        for lineno, raw_line in enumerate(data.split(b"\n"), start=1):
-            if not raw_line.strip():
-                continue
-            line, reason = _decode(raw_line.rstrip(b"\r"))
-            if reason:
-                res.reject("triples", rel, lineno, reason)
-                continue
-            cols = line.split("\t")
+    tsv = path.suffix.lower() == ".tsv"
+
+    def line(lineno: int, raw_line: bytes) -> dict:
+        if tsv:
+            cols = _decode(raw_line.rstrip(b"\r")).split("\t")
             if len(cols) not in (3, 4):
-                res.reject("triples", rel, lineno, f"malformed triple: {len(cols)} tab-separated columns, expected 3 or 4")
-                continue
-            records.append((lineno, dict(zip(("subject", "relation", "object", "lang"), cols))))
-    else:
-        records = list(_jsonl_records(data, res, "triples", rel))
-    for lineno, rec in records:
+                raise Rejected(f"malformed triple: {len(cols)} tab-separated columns, expected 3 or 4")
+            rec = dict(zip(("subject", "relation", "object", "lang"), cols))
+        else:
+            rec = _jsonl_record(raw_line, rel, lineno)
         fields = [rec.get(k) for k in ("subject", "relation", "object")]
         missing = [k for k, v in zip(("subject", "relation", "object"), fields) if not isinstance(v, str) or not v.strip()]
         if missing:
-            res.reject("triples", rel, lineno, f"malformed triple: missing {', '.join(missing)}")
-            continue
+            raise Rejected(f"malformed triple: missing {', '.join(missing)}")
+        for key, value in zip(("subject", "relation", "object"), fields):  # before strip() trims control characters
+            if reason := unclean_reason(value, f"field '{key}'"):
+                raise Rejected(reason)
+        lang, rec_source = _optional_string(rec, "lang"), _optional_string(rec, "source")
         subject, relation, obj = (v.strip() for v in fields)
         text = linearize_triple(subject, relation, obj)
-        reason = _check_text(text, cfg, "triple")
-        if reason:
-            res.reject("triples", rel, lineno, reason)
-            continue
-        row = _text_row("triples", text, str(rec.get("source") or source), rel, lineno, rec.get("lang") or None, {}, cfg,
+        _check_text(text, cfg, "triple")
+        row = _text_row("triples", text, rec_source or source, rel, lineno, lang or None, {}, cfg,
                         id_parts=(subject, relation, obj))
         row.update(subject=subject, relation=relation, object=obj)
-        res.keep(row)
+        return row
+
+    for lineno, raw_line in source_lines(data):
+        _guarded(res, "triples", rel, lineno, line, lineno, raw_line)
     return res
 
 
@@ -310,13 +430,39 @@ def _reader_for(modality: str, path: Path, cfg: IngestConfig):
     suffix = path.suffix.lower()
     if modality == "text" and suffix in (".txt", ".jsonl"):
         return ingest_text_file
-    if modality == "code" and (suffix == ".jsonl" or suffix in cfg.code_extensions):
+    if modality == "code" and (suffix == ".jsonl" or _code_language(suffix, cfg) is not None):
         return ingest_code_file
     if modality == "triples" and suffix in (".tsv", ".jsonl"):
         return ingest_triples_file
     if modality == "image_text" and suffix == ".jsonl":
         return ingest_image_manifest
     return None
+
+
+def ingest_file(modality: str, path: Path, rel: str, source: str, root: Path, cfg: IngestConfig) -> tuple[FileResult, int]:
+    """Read one raw file -> (what it gave, how many records it holds)."""
+    res = FileResult()
+    reader = _reader_for(modality, path, cfg)
+    try:
+        inside = _inside(path, root)
+        data = path.read_bytes() if inside and reader is not None else b""
+    except OSError as e:
+        res.reject(modality, rel, 0, f"unreadable file: {e.strerror or e}")
+        return res, 1
+    if not inside:
+        res.reject(modality, rel, 0, "file outside the corpus folder (symlink)")
+        return res, 1
+    if reader is None:
+        res.reject(modality, rel, 0, f"unknown file type '{printable(path.suffix or path.name)}' for {modality}/")
+        return res, 1
+    try:
+        if reader is ingest_image_manifest:
+            res = reader(path, data, rel, source, cfg, root)
+        else:
+            res = reader(path, data, rel, source, cfg)
+    except Exception as e:  # the readers quarantine per record, so this is a bug in fm: say where
+        raise RuntimeError(f"ingest failed on {modality} file {rel}: {type(e).__name__}: {e}") from e
+    return res, count_records(path, data)
 
 
 def corpus_files(raw: Path) -> dict[str, list[Path]]:
@@ -327,6 +473,24 @@ def corpus_files(raw: Path) -> dict[str, list[Path]]:
     if not any(files.values()):
         raise CorpusError(f"corpus folder {raw} holds no files under text/, code/, image_text/ or triples/")
     return files
+
+
+def reason_kind(reason: str) -> str:
+    """The kind of a quarantine reason, without its details: 'bad utf-8 at byte 3' -> 'bad utf-8'."""
+    return re.split(r":| at | in | \(", reason, maxsplit=1)[0].strip()
+
+
+def _no_usable_record(raw: Path, files: dict, counts: dict, quarantined: list[dict]) -> CorpusError:
+    """The error for a corpus of which every record was quarantined: per modality, how many and why."""
+    parts = []
+    for modality in files:
+        if not counts[modality]["in"]:
+            parts.append(f"{modality}: no records")
+            continue
+        kinds = Counter(reason_kind(q["reason"]) for q in quarantined if q["modality"] == modality).most_common()
+        why = [f"{n} {kind}" for kind, n in kinds[:3]] + ([f"{sum(n for _, n in kinds[3:])} other"] if kinds[3:] else [])
+        parts.append(f"{modality}: {counts[modality]['in']} ({', '.join(why)})")
+    return CorpusError(f"no usable record in corpus folder {raw}, every record was quarantined: " + "; ".join(parts))
 
 
 def ingest(cfg: IngestConfig, paths: Paths) -> dict:
@@ -346,34 +510,30 @@ def ingest(cfg: IngestConfig, paths: Paths) -> dict:
         for modality, paths_in in files.items():
             for path in paths_in:
                 progress.advance(bar)
-                rel = path.relative_to(raw).as_posix()
                 if modality == "image_text" and path.suffix.lower() in IMAGE_SUFFIXES:
                     continue  # images are read through their manifest
-                res = FileResult()
-                reader = _reader_for(modality, path, cfg)
-                if not _inside(path, root):
-                    res.reject(modality, rel, 0, "file outside the corpus folder (symlink)")
-                elif reader is None:
-                    res.reject(modality, rel, 0, f"unknown file type '{path.suffix or path.name}' for {modality}/")
-                else:
-                    parts = path.relative_to(raw).parts
-                    source = _source_name(parts, path.stem)
-                    try:
-                        res = reader(path, rel, source, cfg, root) if reader is ingest_image_manifest else reader(path, rel, source, cfg)
-                    except OSError as e:
-                        res = FileResult()
-                        res.reject(modality, rel, 0, f"unreadable file: {e.strerror or e}")
+                rel_path = path.relative_to(raw)
+                rel = _display_name(rel_path.as_posix())
+                source = _display_name(_source_name(rel_path.parts, path.stem))
+                res, n_records = ingest_file(modality, path, rel, source, root, cfg)
+                check_counts("ingest", {f"{modality} ({rel})": {"in": n_records, "kept": len(res.rows),
+                                                                "quarantined": len(res.quarantined)}})
                 rows[modality].extend(res.rows)
                 quarantined.extend(res.quarantined)
-                records_in[modality] += res.records_in
+                records_in[modality] += n_records
 
     counts = {}
+    for modality in MODALITIES:
+        n_q = sum(1 for q in quarantined if q["modality"] == modality)
+        counts[modality] = {"in": records_in[modality], "kept": len(rows[modality]), "quarantined": n_q}
+    check_counts("ingest", counts)
+    if not any(c["kept"] for c in counts.values()):
+        raise _no_usable_record(raw, files, counts, quarantined)
+
     with atomic_dir(paths.ingested) as tmp:
         for modality in MODALITIES:
             table = pa.Table.from_pylist(rows[modality], schema=SCHEMAS[modality])
             pq.write_table(table, tmp / f"{modality}.parquet", compression="zstd")
-            n_q = sum(1 for q in quarantined if q["modality"] == modality)
-            counts[modality] = {"in": records_in[modality], "kept": table.num_rows, "quarantined": n_q}
         write_quarantine(QUARANTINE_SCHEMA.empty_table(), quarantined, tmp / "quarantine.parquet")
     outputs = [str(paths.ingested)]
     return {"stage": "ingest", "counts": counts, "outputs": outputs, "seconds": round(time.perf_counter() - start, 3)}

@@ -4,6 +4,9 @@ Each data stage that drops records writes the quarantine so far (its own rows ad
 rows of the stages before it) beside its output, `<layer>/quarantine.parquet`, so each file
 has one owner for DVC; curate, the last stage that drops records, writes the run's one table,
 `<workdir>/quarantine.parquet`.
+
+Every stage accounts for each record it read: `check_counts` fails the stage when, for some
+modality, records in != kept + quarantined.
 """
 
 from __future__ import annotations
@@ -40,3 +43,19 @@ def counts_by_modality(table: pa.Table, stage: str | None = None) -> dict[str, i
     for m in table["modality"].to_pylist():
         out[m] = out.get(m, 0) + 1
     return out
+
+
+class RecordCountError(RuntimeError):
+    """A stage lost or invented records (in != kept + quarantined): a bug in fm, not in the data."""
+
+
+def check_counts(stage: str, counts: dict[str, dict]) -> None:
+    """Raise RecordCountError unless in = kept + quarantined for every entry of `counts`
+    (one per modality, each with "in", "kept" and "quarantined")."""
+    for name, c in counts.items():
+        n_in, kept, quarantined = c["in"], c["kept"], c["quarantined"]
+        if n_in != kept + quarantined:
+            raise RecordCountError(
+                f"{stage}: {name}: records in ({n_in}) != kept ({kept}) + quarantined ({quarantined}); "
+                f"{abs(n_in - kept - quarantined)} record(s) {'unaccounted for' if n_in > kept + quarantined else 'too many'}"
+            )

@@ -21,12 +21,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from fm.config import ValidateConfig
-from fm.data.quarantine import read_quarantine, write_quarantine
+from fm.data.quarantine import check_counts, read_quarantine, write_quarantine
 from fm.data.schema import MODALITIES, SCHEMAS
 from fm.io import atomic_dir, write_json
 from fm.paths import Paths
 
 ROW = "_row"  # the column GX reports failing rows by
+# Text that is not clean (see fm.data.ingest.unclean_reason): a control character other than tab,
+# newline and carriage return (source code may hold form feeds), or U+FFFD. Escapes that Python's
+# re and RE2 (pandas' pyarrow-backed strings) read alike, so the suite means the same on both.
+UNCLEAN_TEXT_REGEX = "[\\x00-\\x08\\x0b\\x0c\\x0e-\\x1f\ufffd]"
+UNCLEAN_CODE_REGEX = "[\\x00-\\x08\\x0b\\x0e-\\x1f\ufffd]"
 
 
 class ValidationGateError(RuntimeError):
@@ -45,6 +50,7 @@ def build_suite(modality: str, cfg: ValidateConfig):
         gxe.ExpectColumnValuesToNotBeNull(column="source_file"),
         gxe.ExpectColumnValuesToNotBeNull(column="text"),
         gxe.ExpectColumnValuesToBeBetween(column="n_bytes", min_value=1),
+        gxe.ExpectColumnValuesToNotMatchRegex(column="text", regex=UNCLEAN_CODE_REGEX if modality == "code" else UNCLEAN_TEXT_REGEX),
     ]
     if modality == "text":
         exps += [
@@ -148,6 +154,7 @@ def validate(cfg: ValidateConfig, paths: Paths) -> dict:
         pass_rate = 1.0 if n_in == 0 else kept_tables[modality].num_rows / n_in
         counts[modality] = {"in": n_in, "kept": kept_tables[modality].num_rows, "quarantined": len(bad), "pass_rate": round(pass_rate, 4)}
 
+    check_counts("validate", counts)
     full_report = {"min_pass_rate": cfg.min_pass_rate, "counts": counts, "expectations": report}
     failing = {m: c["pass_rate"] for m, c in counts.items() if c["pass_rate"] < cfg.min_pass_rate}
     if failing:
