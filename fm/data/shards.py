@@ -288,6 +288,11 @@ def write_shards(cfg: ShardConfig, paths: Paths) -> dict:
     tok = load_tokenizer(paths)
     tok.encode_special_tokens = True  # document text never produces control tokens
     tables = curated_tables(paths)
+    n_rows = {modality: pq.read_metadata(path).num_rows for modality, path in tables}
+    if not any(n_rows.values()):  # an empty modality is fine; an empty corpus is nothing to train on
+        rows = ", ".join(f"{m}: {n}" for m, n in n_rows.items())
+        raise ValueError(f"shard: nothing to shard: the curated tables in {paths.curated} hold no record "
+                         f"(rows per modality: {rows}); see {paths.quarantine} for why records were removed")
     vocab_size = tok.get_vocab_size()
     dtype = token_dtype(vocab_size)
     tokenizer_path = paths.tokens / "tokenizer.json"

@@ -98,12 +98,19 @@ def select_training_text(paths: Paths, max_bytes: int) -> dict[str, list[str]]:
         }))
     table = pa.concat_tables(parts).sort_by([("id", "ascending"), ("modality", "ascending")])
     n_bytes = table["n_bytes"].to_numpy()  # (N,) int64
+    if n_bytes.sum() == 0:  # a BPE trained on nothing is 270 byte tokens that fail only at pretrain
+        rows = ", ".join(f"{m}: {pq.read_metadata(p).num_rows}" for m, p in curated_tables(paths))
+        raise ValueError(f"tokenize: no text to train on: the curated tables in {paths.curated} hold no text "
+                         f"(rows per modality: {rows}); see {paths.quarantine} for why records were removed")
     if n_bytes.sum() > max_bytes:
         keep, total = [], 0
         for i, n in enumerate(n_bytes.tolist()):  # per document, not per token
             if total + n <= max_bytes:
                 keep.append(i)
                 total += n
+        if not any(n_bytes[keep]):
+            raise ValueError(f"tokenize: no curated document with text fits tokenize.max_train_bytes={max_bytes} "
+                             f"(the smallest has {int(n_bytes[n_bytes > 0].min())} bytes)")
         table = table.take(pa.array(keep, pa.int64()))
     out: dict[str, list[str]] = {}
     for text, modality in zip(table["text"].to_pylist(), table["modality"].to_pylist()):
