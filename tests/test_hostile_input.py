@@ -250,8 +250,13 @@ def test_odd_file_names_are_stored_printable(tmp_path):
     except OSError:
         pytest.skip("this file system refuses names that are not UTF-8")
     (root / "text" / "loop.txt").symlink_to("loop.txt")
+    os.mkfifo(root / "text" / "pipe.txt")  # reading it would block the stage
+    (root / "text" / "to_pipe.jsonl").symlink_to("pipe.txt")
+    (root / "text" / "dangling.txt").symlink_to("nowhere.txt")
     summary, reasons = run_ingest(root, tmp_path / "work")
-    assert reasons == {("text/loop.txt", 0): "unreadable file: Too many levels of symbolic links"}
+    assert reasons == {("text/loop.txt", 0): "unreadable file: Too many levels of symbolic links",
+                       ("text/pipe.txt", 0): "not a regular file", ("text/to_pipe.jsonl", 0): "not a regular file",
+                       ("text/dangling.txt", 0): "unreadable file: dangling symlink"}
     rows = {r["source_file"]: r for r in kept_rows(tmp_path / "work", "text")}
     assert set(rows) == {"text/new\\nline.txt", "text/caf\\xe9.txt"}
     assert rows["text/caf\\xe9.txt"]["source"] == "caf\\xe9"

@@ -444,16 +444,18 @@ def ingest_file(modality: str, path: Path, rel: str, source: str, root: Path, cf
     res = FileResult()
     reader = _reader_for(modality, path, cfg)
     try:
-        inside = _inside(path, root)
-        data = path.read_bytes() if inside and reader is not None else b""
+        if not _inside(path, root):
+            res.reject(modality, rel, 0, "file outside the corpus folder (symlink)")
+            return res, 1
+        if reader is None:
+            res.reject(modality, rel, 0, f"unknown file type '{printable(path.suffix or path.name)}' for {modality}/")
+            return res, 1
+        if not path.is_file():  # reading a FIFO would block, a device might never end
+            res.reject(modality, rel, 0, "not a regular file" if path.exists() else "unreadable file: dangling symlink")
+            return res, 1
+        data = path.read_bytes()
     except OSError as e:
         res.reject(modality, rel, 0, f"unreadable file: {e.strerror or e}")
-        return res, 1
-    if not inside:
-        res.reject(modality, rel, 0, "file outside the corpus folder (symlink)")
-        return res, 1
-    if reader is None:
-        res.reject(modality, rel, 0, f"unknown file type '{printable(path.suffix or path.name)}' for {modality}/")
         return res, 1
     try:
         if reader is ingest_image_manifest:
@@ -469,7 +471,8 @@ def corpus_files(raw: Path) -> dict[str, list[Path]]:
     """The files under each modality folder, sorted; raises CorpusError for a missing/empty corpus."""
     if not raw.is_dir():
         raise CorpusError(f"corpus folder {raw} does not exist (expected text/, code/, image_text/ or triples/ inside)")
-    files = {m: sorted(p for p in (raw / m).rglob("*") if p.is_file() or p.is_symlink()) for m in MODALITIES if (raw / m).is_dir()}
+    # Everything but folders, so that a FIFO or a dangling link is quarantined rather than skipped.
+    files = {m: sorted(p for p in (raw / m).rglob("*") if not p.is_dir() or p.is_symlink()) for m in MODALITIES if (raw / m).is_dir()}
     if not any(files.values()):
         raise CorpusError(f"corpus folder {raw} holds no files under text/, code/, image_text/ or triples/")
     return files
