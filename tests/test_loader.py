@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from fm.data.loader import TokenLoader
+from fm.data.loader import TokenLoader, verify_token_shards
 from fm.data.shards import load_manifest, read_token_shard
 
 
@@ -106,3 +106,9 @@ def test_bad_arguments_are_clear(sample_shards):
     loader = TokenLoader(shard_dir, seq_len=16, batch_size=1, seed=0)
     with pytest.raises(ValueError, match="does not match"):
         TokenLoader(shard_dir, seq_len=32, batch_size=1, seed=0).load_state_dict(loader.state_dict())
+
+
+def test_intact_shards_pass_verification(sample_shards):
+    shard_dir = sample_shards.tokens / "shards"
+    token_bytes = sum(e["bytes"] for e in load_manifest(shard_dir)["shards"] if e["kind"] == "tokens")
+    assert verify_token_shards(shard_dir) == token_bytes > 0  # every token shard read once, nothing refused
