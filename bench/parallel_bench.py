@@ -73,7 +73,8 @@ def main() -> None:
     cores = os.cpu_count() or 1
     layouts = {k: v for k, v in LAYOUTS.items() if not args.only or k in args.only or k == "single"}
     common = dict(model={"n_layer": 4, "d_model": 256, "n_head": 4, "tie_embeddings": False}, seq_len=args.seq_len,
-                  max_steps=args.steps, warmup_steps=1, eval_every=0, ckpt_every=0, peak_tflops=1.0, log_every=0)
+                  max_steps=args.steps, warmup_steps=1, eval_every=args.steps, ckpt_every=args.steps, val_fraction=0.0,
+                  peak_tflops=1.0, log_every=0)
     times: dict[str, list[float]] = {name: [] for name in layouts}
     with tempfile.TemporaryDirectory(prefix="fm-parallel-bench-") as tmp:
         for rep in range(args.repeats):

@@ -143,6 +143,14 @@ class PretrainConfig:
 
     def __post_init__(self):
         _positive(self, "seq_len", "batch_size", "grad_accum", "max_steps", "lr", "eval_batches", "keep_checkpoints", "nproc")
+        # 0 used to mean "never": a run that cannot resume after a crash, or one that trains blind. The last
+        # step is always checkpointed and evaluated, so a value >= max_steps means "only at the end".
+        if self.ckpt_every <= 0:
+            raise ValueError(f"pretrain.ckpt_every must be positive, got {self.ckpt_every}: a run without checkpoints "
+                             f"cannot resume (to save only at the end, set it to max_steps or more)")
+        if self.eval_every <= 0:
+            raise ValueError(f"pretrain.eval_every must be positive, got {self.eval_every} (to evaluate only at the end, "
+                             f"set it to max_steps or more; for no validation at all, set val_fraction: 0)")
         if self.dtype not in ("auto", "fp32", "bf16"):
             raise ValueError(f"pretrain.dtype must be auto, fp32 or bf16, got {self.dtype!r}")
         if self.parallel not in ("ddp", "fsdp"):
@@ -160,9 +168,8 @@ class PretrainConfig:
             raise ValueError(f"pretrain.pp_microbatches ({self.pp_microbatches}) must divide batch_size ({self.batch_size})")
         # warmup_steps >= max_steps is allowed (a short `dvc exp run -S pretrain.max_steps=10`): the
         # schedule shortens the warmup and the summary records the one it used.
-        for name in ("eval_every", "ckpt_every", "log_every"):  # 0 means never (a warning says so at the start)
-            if getattr(self, name) < 0:
-                raise ValueError(f"pretrain.{name} must be >= 0 (0: never), got {getattr(self, name)}")
+        if self.log_every < 0:  # 0: no progress lines (benchmarks)
+            raise ValueError(f"pretrain.log_every must be >= 0, got {self.log_every}")
         if self.warmup_steps < 0:
             raise ValueError(f"pretrain.warmup_steps must be >= 0, got {self.warmup_steps}")
         if any(w < 0 for w in self.mix.values()):

@@ -29,7 +29,7 @@ runner = CliRunner()
     ("pretrain.max_steps=1.5", "pretrain.max_steps = 1.5 must be an integer"),
     ("curate.near_dup=3", "curate.near_dup = 3 must be true or false"),
     ("validate.allowed_langs=en", "validate.allowed_langs = 'en' must be a list"),
-    ("pretrain.ckpt_every=-1", "pretrain.ckpt_every must be >= 0"),
+    ("pretrain.ckpt_every=0", "pretrain.ckpt_every must be positive, got 0"),
 ])
 def test_wrong_setting_types_are_one_line(override, message, tmp_path):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):

@@ -64,7 +64,7 @@ def test_pipeline_matches_one_process_resumes_at_dp2_and_exports(sample_shards, 
 def test_gpipe_with_three_layers_matches_one_process(sample_shards, tmp_path):
     """GPipe, an uneven split (layers 0-1 | 2) and grad_accum=2: the losses of one process."""
     model = {**UNTIED["model"], "n_layer": 3}
-    common = {**UNTIED, "model": model, "max_steps": 4, "eval_every": 2, "ckpt_every": 0, "grad_accum": 2}
+    common = {**UNTIED, "model": model, "max_steps": 4, "eval_every": 2, "ckpt_every": 4, "grad_accum": 2}
     single = workdir(tmp_path, sample_shards, "single")
     run(PretrainConfig(**common, batch_size=4), single, progress=False)
     piped = workdir(tmp_path, sample_shards, "pp")
