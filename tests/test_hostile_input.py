@@ -380,7 +380,8 @@ class Record:
 
 
 words = st.lists(st.text("abcdefghijklmnopqrstuvwxyz", min_size=1, max_size=9), min_size=1, max_size=25).map(" ".join)
-json_junk = st.one_of(st.integers(), st.floats(allow_nan=False), st.booleans(), st.none(), st.lists(st.integers(), max_size=3),
+# no subnormal floats: pretraining in the same test process sets torch.set_flush_denormal(True)
+json_junk = st.one_of(st.integers(), st.floats(allow_nan=False, allow_subnormal=False), st.booleans(), st.none(), st.lists(st.integers(), max_size=3),
                       st.dictionaries(st.text(max_size=3), st.integers(), max_size=2))
 
 
