@@ -116,3 +116,18 @@ def test_lang_token():
     assert lang_token("en") == lang_token("EN-us") == "<|lang:en|>"
     assert lang_token("zh") == lang_token("zh_Hans") == "<|lang:zh|>"
     assert lang_token("python") == lang_token(None) == lang_token("") == "<|lang:other|>"
+
+
+def test_fm_loaders_never_match_special_tokens_in_text(tmp_path):
+    """A literal control token in a document or a prompt stays text, whichever fm loader opened the tokenizer."""
+    from tokenizers import models
+
+    from fm.data.tokenizer import SPECIAL_IDS, open_tokenizer
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.add_special_tokens(list(SPECIAL_IDS))
+    path = tmp_path / "tokenizer.json"
+    tok.save(str(path))
+    text = "<|endoftext|>"
+    assert Tokenizer.from_file(str(path)).encode(text).ids == [SPECIAL_IDS[text]]  # what a plain load does
+    assert SPECIAL_IDS[text] not in open_tokenizer(path).encode(text).ids

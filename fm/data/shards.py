@@ -285,8 +285,7 @@ def _arrow_entries(files: list[Path], kind: str, modality: str, rows: pa.Table, 
 def write_shards(cfg: ShardConfig, paths: Paths) -> dict:
     """Tokenize the curated corpus into `paths.tokens/shards/`; return a summary."""
     start = time.perf_counter()
-    tok = load_tokenizer(paths)
-    tok.encode_special_tokens = True  # document text never produces control tokens
+    tok = load_tokenizer(paths)  # document text never produces control tokens (see open_tokenizer)
     tables = curated_tables(paths)
     n_rows = {modality: pq.read_metadata(path).num_rows for modality, path in tables}
     if not any(n_rows.values()):  # an empty modality is fine; an empty corpus is nothing to train on

@@ -171,9 +171,22 @@ def train_tokenizer(cfg: TokenizeConfig, paths: Paths) -> dict:
     }
 
 
+def open_tokenizer(path: str | Path) -> Tokenizer:
+    """Load a tokenizer.json for fm's use: the text it encodes never produces special tokens.
+
+    A literal "<|endoftext|>" in a document or a user's prompt must stay text; control tokens
+    (end of text, the chat template's turns) are inserted by id. tokenizers' JSON format cannot
+    carry this setting (tokenizers 0.23: `encode_special_tokens` is not saved), so every fm
+    loader sets it here; a plain `Tokenizer.from_file` matches special tokens in text.
+    """
+    tok = Tokenizer.from_file(str(path))
+    tok.encode_special_tokens = True
+    return tok
+
+
 def load_tokenizer(paths: Paths) -> Tokenizer:
-    """The trained tokenizer; a one-line error if the tokenize stage has not run."""
+    """The trained tokenizer (special tokens never matched in text); a one-line error if the tokenize stage has not run."""
     path = paths.tokens / "tokenizer.json"
     if not path.exists():
         raise FileNotFoundError(f"no tokenizer at {path}: run `fm tokenize` first")
-    return Tokenizer.from_file(str(path))
+    return open_tokenizer(path)

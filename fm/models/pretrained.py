@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from fm.data.tokenizer import open_tokenizer
 from fm.models.decoder import Decoder, ModelConfig
 
 
@@ -73,8 +74,7 @@ def load_decoder(model_dir: str | Path, device: str | torch.device = "cpu") -> D
 
 def load_pretrained(model_dir: str | Path, device: str | torch.device = "cpu"):
     """(Decoder, tokenizers.Tokenizer) from a model folder; the tokenizer is checked against config.json's sha256."""
-    from tokenizers import Tokenizer
-
+    
     model_dir = Path(model_dir)
     model = load_decoder(model_dir, device)
     path = model_dir / "tokenizer.json"
@@ -84,4 +84,4 @@ def load_pretrained(model_dir: str | Path, device: str | torch.device = "cpu"):
     if expected and sha256_file(path) != expected:
         raise ValueError(f"{path} is not the tokenizer this model was trained with (sha256 differs from config.json): "
                          f"export the model again (rerun `fm pretrain`: a finished run exports again without training)")
-    return model, Tokenizer.from_file(str(path))
+    return model, open_tokenizer(path)  # special tokens are never matched in text
