@@ -19,6 +19,12 @@ dropped: they contribute zero, so the token passes through on the residual strea
 take precedence over second choices, then earlier tokens over later ones. Fixed routings (hash,
 domain) never drop: their balance is set by the data, not learned.
 
+Capacity applies in training only (`self.training`). It depends on N, the tokens of the whole
+batch, so at evaluation and generation it would make a row's output depend on the other rows and
+KV-cached decoding (N = B new tokens) differ from a full recompute. In eval mode every assignment
+goes to its expert, so the output of a token depends on that token alone (capacity exists for the
+fixed per-expert buffers of batched training, Switch sec. 2.2; here it is only a training regularizer).
+
 Dispatch is sorted, not looped per token: assignments are argsorted by expert, tokens gathered
 once into expert-contiguous rows, each expert runs one batched SwiGLU on its slice (a Python loop
 over experts), and results are scattered back with one index_add.
@@ -109,7 +115,10 @@ class MoE(nn.Module):
         return expert, gate, probs
 
     def forward(self, x: torch.Tensor, token_ids: torch.Tensor | None = None, domains: torch.Tensor | None = None):
-        """Returns out (B, T, C) and stats: aux_loss (scalar), load (E,) share of assignments, dropped (scalar)."""
+        """Returns out (B, T, C) and stats: aux_loss (scalar), load (E,) share of assignments, dropped (scalar).
+
+        Only a training forward drops over capacity; in eval dropped is 0 and every assignment reaches its expert.
+        """
         B, T, C = x.shape
         E, k = self.n_experts, self.top_k
         x = x.reshape(B * T, C)  # (N, C)
@@ -123,7 +132,7 @@ class MoE(nn.Module):
         aux_loss = E * (load * probs.mean(dim=0)).sum() if probs is not None else x.new_zeros((), dtype=torch.float32)
 
         sorted_expert, order = flat_expert.sort(stable=True)  # (k*N,) grouped by expert, priority order within
-        if self.capacity_factor > 0:
+        if self.capacity_factor > 0 and self.training:  # eval: no drops, so a row's output is batch-independent
             capacity = math.ceil(self.capacity_factor * N * k / E)
             first = counts.cumsum(0) - counts  # (E,) where each expert's run starts in `order`
             rank = torch.arange(order.numel(), device=x.device) - first[sorted_expert]  # (k*N,) rank within expert
