@@ -354,13 +354,16 @@ class Decoder(nn.Module):
             return None, False
         return build_mask("dense", end)[start_pos:end].to(self.rope_cos.device), False  # (T, S) chunked prefill
 
-    def forward(self, idx, targets=None, domains=None, kv_cache: KVCache | None = None, start_pos: int = 0):
+    def forward(self, idx, targets=None, domains=None, kv_cache: KVCache | None = None, start_pos: int = 0,
+                inputs_embeds: torch.Tensor | None = None):
         """Next-token logits (B, T, vocab_size) of token ids idx (B, T) at positions start_pos..start_pos+T.
 
         targets (B, T): token ids to predict, -100 = ignored; gives loss = cross-entropy
             (+ aux_loss_weight * MoE aux loss), else loss is None.
         domains (B,) or (B, T): domain ids, needed by domain-routed MoE layers.
         kv_cache: keys/values of earlier positions are read from it and this call's written to it.
+        inputs_embeds (B, T, C): used in place of tok_emb(idx) (soft prompts, fm/models/adapters.py); idx
+            still gives the ids that hash-routed MoE layers route by.
         Returns (logits, loss, aux); aux is {} for a dense model, else holds aux_loss (scalar, mean over MoE
         layers), expert_load (n_moe_layers, n_experts) share of assignments per expert, dropped_tokens
         (n_moe_layers,) assignments over capacity, and ce_loss (scalar, detached) when targets are given.
@@ -370,7 +373,7 @@ class Decoder(nn.Module):
             raise ValueError(f"positions up to {start_pos + T} exceed seq_len={self.cfg.seq_len}")
         rope = (self.rope_cos[start_pos:start_pos + T], self.rope_sin[start_pos:start_pos + T])  # (T, D) each
         attn_mask, is_causal = self._attention_mask(T, start_pos, kv_cache is not None)
-        x = self.drop(self.tok_emb(idx))  # (B, T, C)
+        x = self.drop(self.tok_emb(idx) if inputs_embeds is None else inputs_embeds)  # (B, T, C)
         moe_stats = []
         for block in self.layers:
             x, stats = block(x, rope, attn_mask, is_causal, kv_cache, start_pos, idx, domains)  # (B, T, C)
