@@ -162,3 +162,14 @@ def build_sample_shards(workdir: Path, docs_per_source: int = 150, vocab_size: i
 @pytest.fixture(scope="session")
 def sample_shards(tmp_path_factory) -> Paths:
     return build_sample_shards(tmp_path_factory.mktemp("shards"))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy machine OpenMP barriers stall."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -13,12 +13,7 @@ from fm.models import Decoder, KVCache, ModelConfig
 from fm.models.adapters import LoRALinear, PrefixTuning, PromptTuning, apply_lora, lora_state_dict, merge_lora
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def tiny(**overrides) -> ModelConfig:

@@ -11,13 +11,7 @@ import torch
 from fm.models import PRESETS, Decoder, KVCache, ModelConfig, MoE, build_mask, hash_experts
 from fm.models.decoder import MLP, apply_rope, rope_tables
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy machine OpenMP barriers stall."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 TINY = dict(vocab_size=64, seq_len=32, n_layer=2, n_head=4, d_model=32)  # head_dim 8, ffn_hidden 128

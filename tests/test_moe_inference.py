@@ -16,12 +16,7 @@ import torch
 from fm.models import Decoder, KVCache, ModelConfig, MoE
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 ROUTING_CONFIGS = {
