@@ -16,7 +16,9 @@ Writes:
 
 Where a rerun starts (`plan_start`): the newest checkpoint is
     resumed      when it is this run (same run identity) with the same schedule: a crashed run goes on, and
-                 its losses are bit-identical to an uninterrupted run's; at max_steps nothing is trained again;
+                 its losses are bit-identical to an uninterrupted run's (dropout too: every rank's RNG state is
+                 in the checkpoint; on another process layout it is re-seeded, with a note); at max_steps nothing
+                 is trained again;
     continued    when it is this run with another schedule (SCHEDULE: max_steps, warmup_steps, lr,
                  min_lr_ratio, mix) and it is before the new max_steps: training longer, or on with a lower
                  LR or other mixing weights; the LR follows the new schedule from that step on;
@@ -56,7 +58,8 @@ from fm.data.shards import load_manifest, sha256_file
 from fm.io import atomic_dir
 from fm.models.decoder import PRESETS, Decoder, ModelConfig
 from fm.paths import Paths
-from fm.train.checkpoint import export_model, load_checkpoint, newest_intact_checkpoint, save_checkpoint, set_aside
+from fm.train.checkpoint import (export_model, load_checkpoint, load_rng_state, newest_intact_checkpoint,
+                                 save_checkpoint, seed_rng, set_aside)
 from fm.train.launch import die_with_parent, run_torchrun
 from fm.train.loop import measure_matmul_peak, train
 from fm.train.optim import build_optimizer, effective_warmup
@@ -211,6 +214,7 @@ def _run(cfg: PretrainConfig, paths: Paths, d: Dist, progress: bool, fresh: bool
     model = Decoder(mcfg).to(d.device)
     model, pipeline = parallelize(model, d, cfg)  # pipeline: None unless pp > 1
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
+    seed_rng(cfg.seed, d)  # dropout: a stream per data-parallel rank from here on (a resume restores it below)
 
     # Ranks that differ only in their tp or pp coordinate read the same batch: the data rank is the dp one.
     loader = TokenLoader(shard_dir, cfg.seq_len, cfg.batch_size, cfg.mix or None, cfg.seed, d.dp_rank, d.dp_size,
@@ -242,6 +246,12 @@ def _run(cfg: PretrainConfig, paths: Paths, d: Dist, progress: bool, fresh: bool
         state = load_checkpoint(Path(newest), model, optimizer, verify=False)  # rank 0 has just checked it
         loader.load_state_dict(state["loader"])
         start_step = state["step"]
+        if not load_rng_state(Path(newest), state, d):
+            seed_rng(cfg.seed, d, start_step)
+            if d.is_main:
+                print(f"pretrain: {newest} holds no RNG state for this process layout: dropout re-seeded from seed, data-parallel "
+                      f"rank and step {start_step} (the losses will not be bit-identical to an uninterrupted run's)",
+                      file=sys.stderr)
         history_of_schedule = state["schedule_history"]
         if action == "continue":
             history_of_schedule = history_of_schedule + [{"from_step": start_step, **schedule}]

@@ -3,8 +3,10 @@
 Training state (`save_checkpoint` / `load_checkpoint`) is a torch.distributed.checkpoint
 (DCP) folder per step: model and optimizer state sharded as each process holds it, which
 DCP reshards on load, so a run saved by 2 processes resumes on 1 (or 4). Everything that is
-not a tensor (step, data-loader state, RNG, the config it was built from) sits beside it in
-`train_state.json`. A checkpoint is written to a temporary folder and renamed when complete.
+not a tensor (step, data-loader state, the config it was built from) sits beside it in
+`train_state.json`, and every rank's RNG state (its dropout stream, CPU and CUDA) in its own `rng-RRRRR.json`
+(R: the global rank), restored by the same rank when the layout is the same. A checkpoint is written to a
+temporary folder and renamed when complete.
 DCP's own metadata is pickled: a checkpoint folder is the run's own state, meant to be
 resumed by the run that wrote it, never a file to take from someone else.
 
@@ -25,6 +27,7 @@ Loading it never unpickles anything.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import re
@@ -54,6 +57,7 @@ from fm.train.parallel import Dist, all_gather_object, barrier, gather_pipeline_
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 CHECKSUMS = "checksums.json"
+RNG_FILE = "rng-{rank:05d}.json"  # one per global rank
 
 
 @contextmanager
@@ -151,13 +155,59 @@ def set_aside(root: Path, tag: str, leave: tuple[str, ...] = ("launch.json",)) -
     return aside
 
 
-def rng_state() -> dict:
-    return {"torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()}
+def _encode(state: torch.Tensor) -> str:
+    return base64.b64encode(state.numpy().tobytes()).decode()
 
 
-def set_rng_state(state: dict) -> None:
-    raw = base64.b64decode(state["torch"])
-    torch.set_rng_state(torch.frombuffer(bytearray(raw), dtype=torch.uint8))
+def _decode(text: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
+
+
+def rng_state(device: torch.device = torch.device("cpu")) -> dict:
+    """This process's torch RNG state: CPU, and `device`'s when it is a GPU."""
+    state = {"torch": _encode(torch.get_rng_state())}
+    if device.type == "cuda":
+        state["cuda"] = _encode(torch.cuda.get_rng_state(device))
+    return state
+
+
+def set_rng_state(state: dict, device: torch.device = torch.device("cpu")) -> None:
+    torch.set_rng_state(_decode(state["torch"]))
+    if "cuda" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(_decode(state["cuda"]), device)
+
+
+def dropout_seed(seed: int, dp_rank: int, step: int = 0) -> int:
+    """The seed of a data-parallel rank's dropout stream from step `step` on: one per (seed, dp_rank, step),
+    hashed so that it is not the stream of another run's seed (nor of the initial weights, drawn with `seed`)."""
+    digest = hashlib.sha256(f"dropout {seed} {dp_rank} {step}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1  # manual_seed takes up to 2**63 - 1
+
+
+def seed_rng(seed: int, d: Dist, step: int = 0) -> None:
+    """Seed this process's torch RNG (CPU and every GPU) for the training loop, by data-parallel rank.
+
+    Called after the model is built from the shared seed, so the initial weights stay the same on every rank.
+    Ranks that differ only in their tp or pp coordinate get the same seed: tensor parallel needs the same
+    dropout mask on the replicated activations of a tp group, and pipeline stages of one replica may share it.
+    """
+    torch.manual_seed(dropout_seed(seed, d.dp_rank, step))
+
+
+def _layout(d: Dist) -> dict:
+    return {"world_size": d.world_size, "dp": d.dp_size, "tp": d.tp_size, "pp": d.pp_size}
+
+
+def load_rng_state(path: Path, train_state: dict, d: Dist) -> bool:
+    """Restore this rank's RNG state from checkpoint `path` (train_state: its train_state.json). False when the
+    checkpoint was saved under another layout (or without per-rank states): the caller re-seeds instead."""
+    if train_state.get("rng_layout") == _layout(d):
+        set_rng_state(json.loads((path / RNG_FILE.format(rank=d.rank)).read_text()), d.device)
+        return True
+    if "rng_layout" not in train_state and "rng" in train_state and d.world_size == 1:
+        set_rng_state(train_state["rng"], d.device)  # saved by an fm that kept rank 0's CPU state only
+        return True
+    return False
 
 
 def save_checkpoint(root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -177,8 +227,9 @@ def save_checkpoint(root: Path, step: int, model: nn.Module, optimizer: torch.op
     model_sd, optim_sd = get_state_dict(unwrap(model), optimizer)
     with _single_process_quiet():
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+    (tmp / RNG_FILE.format(rank=d.rank)).write_text(json.dumps(rng_state(d.device)))
     if d.is_main:
-        (tmp / "train_state.json").write_text(json.dumps({**train_state, "step": step, "rng": rng_state(),
+        (tmp / "train_state.json").write_text(json.dumps({**train_state, "step": step, "rng_layout": _layout(d),
                                                           "checksums": CHECKSUMS}, indent=1))
     barrier()
     # Every process hashes a share of the files (read back from disk, as a resume will read them).
@@ -200,7 +251,7 @@ def save_checkpoint(root: Path, step: int, model: nn.Module, optimizer: torch.op
 def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, verify: bool = True) -> dict:
     """Load model and optimizer state from a DCP folder (any process count); return train_state.json.
     verify: check the folder against its checksums.json first (ValueError naming the problem); the recipe
-    passes False for a folder newest_intact_checkpoint has just checked."""
+    passes False for a folder newest_intact_checkpoint has just checked. The RNG is load_rng_state's."""
     if verify and (problem := checkpoint_problem(path)):
         raise ValueError(f"checkpoint {path} is damaged or incomplete: {problem}")
     model_sd, optim_sd = get_state_dict(unwrap(model), optimizer)
@@ -208,9 +259,7 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     with _single_process_quiet():
         dcp.load(state, checkpoint_id=str(path))
     set_state_dict(unwrap(model), optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    train_state = json.loads((path / "train_state.json").read_text())
-    set_rng_state(train_state["rng"])
-    return train_state
+    return json.loads((path / "train_state.json").read_text())
 
 
 def export_model(model: nn.Module, cfg: ModelConfig, out_dir: Path, d: Dist, meta: dict | None = None) -> Path | None:
