@@ -67,7 +67,7 @@ class RunContext:
     def dvc_paths(self) -> bool:
         """True when raw, workdir and params file are the ones dvc.yaml's stages use."""
         root = self.root
-        if root is None or os.environ.get("FM_NO_DVC"):
+        if root is None:
             return False
         given = (Path(self.raw), Path(self.workdir), Path(self.params_file))
         expected = (root / DVC_RAW, root / DVC_WORKDIR, root / DVC_PARAMS)

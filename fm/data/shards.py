@@ -57,7 +57,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn, 
 from fm.config import ShardConfig
 from fm.data.schema import MODALITIES
 from fm.data.tokenizer import SPECIAL_IDS, curated_tables, lang_token, load_tokenizer, modality_token
-from fm.io import atomic_dir
+from fm.io import atomic_dir, sha256_file
 from fm.paths import Paths
 
 MANIFEST_FORMAT = 1
@@ -236,14 +236,6 @@ def write_arrow_shards(table: pa.Table, out_dir: Path, stem: str, rows_per_shard
             w.write_table(table.slice(start, rows_per_shard))
         out.append(path)
     return out
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _mix(modalities, sources, langs) -> dict:

@@ -20,7 +20,6 @@ by hand (without the checks):
 
 from __future__ import annotations
 
-import hashlib
 import json
 import warnings
 from pathlib import Path
@@ -29,15 +28,8 @@ import torch
 from safetensors.torch import load_file
 
 from fm.data.tokenizer import open_tokenizer
+from fm.io import sha256_file
 from fm.models.decoder import Decoder, ModelConfig
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def verify_weights(model_dir: Path, config: dict) -> None:

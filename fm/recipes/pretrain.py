@@ -54,7 +54,8 @@ import torch
 from fm.config import PretrainConfig, load_params
 from fm.data.loader import TokenLoader, verify_token_shards
 from fm.data.schema import MODALITIES
-from fm.data.shards import load_manifest, sha256_file
+from fm.data.shards import load_manifest
+from fm.io import sha256_file
 from fm.io import atomic_dir
 from fm.models.decoder import PRESETS, Decoder, ModelConfig
 from fm.paths import Paths

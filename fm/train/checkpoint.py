@@ -52,7 +52,7 @@ from torch.distributed.checkpoint.state_dict import (
 from fm.io import atomic_path
 from fm.models.decoder import ModelConfig
 from fm.models.pretrained import load_decoder as load_model  # noqa: F401  what later stages call
-from fm.models.pretrained import sha256_file
+from fm.io import sha256_file
 from fm.train.parallel import Dist, all_gather_object, barrier, gather_pipeline_state, unwrap
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
