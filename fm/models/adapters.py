@@ -19,6 +19,11 @@ against peft. Prefix tuning (Li & Liang 2021) is a pre-filled KV cache: the pref
 positions 0..n_prefix-1 (real tokens start at n_prefix, as in peft, so n_prefix + T <= seq_len) and
 every position attends to all of it. Prompt tuning (Lester et al. 2021) feeds
 [soft prompt, tok_emb(idx)] through Decoder.forward's inputs_embeds.
+
+Sequence packing: PrefixTuning and PromptTuning take Decoder.forward's doc_ids (B, T) too. The
+prefix, or the soft prompt (given doc_ids -1, i.e. shared), is seen by every packed example, and
+each example gets the positions it would get alone: it starts at n_prefix (n_virtual).
+LoRA needs nothing: its model is a Decoder.
 """
 
 from __future__ import annotations
@@ -148,10 +153,13 @@ class PrefixTuning(nn.Module):
         self.prefix_k = nn.Parameter(torch.randn(shape, device=w.device, dtype=w.dtype) * std)
         self.prefix_v = nn.Parameter(torch.randn(shape, device=w.device, dtype=w.dtype) * std)
 
-    def forward(self, idx, targets=None, domains=None):
-        """As Decoder.forward on idx (B, T); the real tokens sit at positions n_prefix..n_prefix+T-1."""
+    def forward(self, idx, targets=None, domains=None, *, doc_ids=None):
+        """As Decoder.forward on idx (B, T); the real tokens sit at positions n_prefix..n_prefix+T-1.
+
+        doc_ids (B, T): packed examples (see Decoder.forward); each starts at position n_prefix and sees the prefix.
+        """
         cache = _PrefixCache(self.prefix_k, self.prefix_v, idx.shape[0])
-        return self.model(idx, targets, domains, kv_cache=cache, start_pos=self.n_prefix)
+        return self.model(idx, targets, domains, kv_cache=cache, start_pos=self.n_prefix, doc_ids=doc_ids)
 
     @torch.no_grad()
     def kv_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
@@ -186,8 +194,12 @@ class PromptTuning(nn.Module):
             prompt = w.detach()[init_ids.to(w.device)].clone()
         self.prompt = nn.Parameter(prompt)  # (P, C)
 
-    def forward(self, idx, targets=None, domains=None):
-        """As Decoder.forward on idx (B, T): logits (B, T, V) of the real tokens; the loss ignores the prompt."""
+    def forward(self, idx, targets=None, domains=None, *, doc_ids=None):
+        """As Decoder.forward on idx (B, T): logits (B, T, V) of the real tokens; the loss ignores the prompt.
+
+        doc_ids (B, T): packed examples (see Decoder.forward); the prompt is shared (doc id -1, positions
+        0..n_virtual-1), each example starts at position n_virtual.
+        """
         B, P = idx.shape[0], self.n_virtual
         embeds = torch.cat((self.prompt.expand(B, -1, -1), self.model.tok_emb(idx)), dim=1)  # (B, P + T, C)
         ids = torch.cat((idx.new_zeros(B, P), idx), dim=1)  # (B, P + T): id 0 for the prompt (hash-routed MoE)
@@ -195,5 +207,7 @@ class PromptTuning(nn.Module):
             targets = torch.cat((targets.new_full((B, P), -100), targets), dim=1)  # (B, P + T)
         if domains is not None and domains.dim() == 2:
             domains = torch.cat((domains[:, :1].expand(B, P), domains), dim=1)  # the prompt takes the first domain
-        logits, loss, aux = self.model(ids, targets, domains, inputs_embeds=embeds)  # (B, P + T, V)
+        if doc_ids is not None:
+            doc_ids = torch.cat((doc_ids.new_full((B, P), -1), doc_ids), dim=1)  # (B, P + T): the prompt is shared
+        logits, loss, aux = self.model(ids, targets, domains, inputs_embeds=embeds, doc_ids=doc_ids)  # (B, P + T, V)
         return logits[:, P:], loss, aux  # (B, T, V)

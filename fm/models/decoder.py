@@ -7,6 +7,7 @@ config.json) and `Decoder`, a single-device nn.Module that knows nothing of rank
     model = Decoder(PRESETS["small"])
     logits, loss, aux = model(idx, targets)              # idx, targets: (B, T) int64
     out = model.generate(idx, max_new_tokens=32, temperature=0)   # greedy, KV-cached
+    logits, loss, aux = model(idx, targets, doc_ids=doc_ids)       # packed examples: see Decoder.forward
 
 Module names a parallelize() plan refers to (one Block per entry of `model.layers`):
     layers[i].attn.wq / wk / wv   column-parallel  (d_model -> heads * head_dim), separate so GQA shards cleanly
@@ -192,10 +193,11 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     """Rotate the halves (x1, x2) of each head of x (B, T, H, D): (x1 cos - x2 sin, x2 cos + x1 sin).
 
     cos, sin (T, D) come from rope_tables with the sign folded in, so this is 2 multiplies, an add
-    and one cat (the fewest kernels in eager mode; the Hugging Face Llama layout).
+    and one cat (the fewest kernels in eager mode; the Hugging Face Llama layout). They may also be
+    (B, T, D), rows of those tables gathered per row (packed sequences, whose positions restart).
     """
     x1, x2 = x.chunk(2, dim=-1)  # (B, T, H, D/2) each
-    cos, sin = cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype)  # (T, 1, D)
+    cos, sin = cos.unsqueeze(-2).to(x.dtype), sin.unsqueeze(-2).to(x.dtype)  # (T, 1, D) or (B, T, 1, D)
     return x * cos + torch.cat((x2, x1), dim=-1) * sin  # (B, T, H, D)
 
 
@@ -354,8 +356,35 @@ class Decoder(nn.Module):
             return None, False
         return build_mask("dense", end)[start_pos:end].to(self.rope_cos.device), False  # (T, S) chunked prefill
 
+    def _packed_rope_and_mask(self, doc_ids: torch.Tensor, start_pos: int, n_front: int):
+        """Per-row RoPE tables (B, T, D) and attention mask (B, 1, T, n_front + T) of a packed batch.
+
+        doc_ids (B, T): a maximal run of equal values is one document; values < 0 mark shared tokens,
+        a leading run of the row. A shared token at row index i sits at position start_pos + i and sees
+        the shared tokens up to itself; a document's tokens sit at start_pos + n_shared + (index within
+        the document) and see the shared tokens and their own document up to themselves. n_front key
+        columns in front (a prefix cache's) are visible to every query.
+        """
+        B, T = doc_ids.shape
+        shared = doc_ids < 0  # (B, T)
+        if bool((shared[:, 1:] & ~shared[:, :-1]).any()):
+            raise ValueError("doc_ids: shared tokens (doc_ids < 0) must be a leading run of each row")
+        t = torch.arange(T, device=doc_ids.device)  # (T,)
+        new_doc = torch.ones_like(shared)
+        new_doc[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]  # (B, T) first token of each run
+        run = new_doc.long().cumsum(dim=1)  # (B, T) run number: documents by run, not by value
+        doc_start = torch.where(new_doc, t, 0).cummax(dim=1).values  # (B, T) row index where the run began
+        n_shared = shared.sum(dim=1, keepdim=True)  # (B, 1)
+        positions = start_pos + torch.where(shared, t, n_shared + t - doc_start)  # (B, T), < start_pos + T
+        rope = (self.rope_cos[positions], self.rope_sin[positions])  # (B, T, D) each
+        causal = t[None, :] <= t[:, None]  # (T, T) key j <= query i
+        mask = causal & ((run[:, :, None] == run[:, None, :]) | shared[:, None, :])  # (B, T, T)
+        if n_front:
+            mask = torch.cat((mask.new_ones(B, T, n_front), mask), dim=2)  # (B, T, n_front + T)
+        return rope, mask[:, None]  # mask (B, 1, T, S), broadcast over heads
+
     def forward(self, idx, targets=None, domains=None, kv_cache: KVCache | None = None, start_pos: int = 0,
-                inputs_embeds: torch.Tensor | None = None):
+                inputs_embeds: torch.Tensor | None = None, *, doc_ids: torch.Tensor | None = None):
         """Next-token logits (B, T, vocab_size) of token ids idx (B, T) at positions start_pos..start_pos+T.
 
         targets (B, T): token ids to predict, -100 = ignored; gives loss = cross-entropy
@@ -364,6 +393,14 @@ class Decoder(nn.Module):
         kv_cache: keys/values of earlier positions are read from it and this call's written to it.
         inputs_embeds (B, T, C): used in place of tok_emb(idx) (soft prompts, fm/models/adapters.py); idx
             still gives the ids that hash-routed MoE layers route by.
+        doc_ids (B, T) int64: sequence packing (training/scoring; causal dense models only, no KVCache).
+            Each maximal run of equal values in a row is one document: a token attends only to
+            earlier tokens of its document and to the row's shared tokens (doc_ids < 0, a leading run,
+            e.g. a soft prompt). Positions restart per document: shared token i at start_pos + i, a
+            document's k-th token at start_pos + n_shared + k, as if it were alone after the shared
+            tokens. A prefix cache (adapters.PrefixTuning) stays visible to all. None: no packing.
+            The loss is the mean over all non-ignored targets; set -100 where a target crosses a
+            document boundary.
         Returns (logits, loss, aux); aux is {} for a dense model, else holds aux_loss (scalar, mean over MoE
         layers), expert_load (n_moe_layers, n_experts) share of assignments per expert, dropped_tokens
         (n_moe_layers,) assignments over capacity, and ce_loss (scalar, detached) when targets are given.
@@ -371,8 +408,20 @@ class Decoder(nn.Module):
         B, T = idx.shape
         if start_pos + T > self.cfg.seq_len:
             raise ValueError(f"positions up to {start_pos + T} exceed seq_len={self.cfg.seq_len}")
-        rope = (self.rope_cos[start_pos:start_pos + T], self.rope_sin[start_pos:start_pos + T])  # (T, D) each
-        attn_mask, is_causal = self._attention_mask(T, start_pos, kv_cache is not None)
+        if doc_ids is None:
+            rope = (self.rope_cos[start_pos:start_pos + T], self.rope_sin[start_pos:start_pos + T])  # (T, D) each
+            attn_mask, is_causal = self._attention_mask(T, start_pos, kv_cache is not None)
+        else:
+            if not self.cfg.causal or self.cfg.attention != "dense":
+                raise ValueError("doc_ids (sequence packing) needs a causal model with dense attention, "
+                                 f"got causal={self.cfg.causal}, attention={self.cfg.attention!r}")
+            if isinstance(kv_cache, KVCache):
+                raise ValueError("doc_ids (sequence packing) is for training and scoring, not KV-cached generation")
+            if tuple(doc_ids.shape) != (B, T):
+                raise ValueError(f"doc_ids must have the shape of idx {(B, T)}, got {tuple(doc_ids.shape)}")
+            n_front = start_pos if kv_cache is not None else 0  # a prefix cache puts start_pos keys in front
+            rope, attn_mask = self._packed_rope_and_mask(doc_ids, start_pos, n_front)  # (B, T, D), (B, 1, T, S)
+            is_causal = False
         x = self.drop(self.tok_emb(idx) if inputs_embeds is None else inputs_embeds)  # (B, T, C)
         moe_stats = []
         for block in self.layers:
