@@ -1,0 +1,1 @@
+"""Evaluation: scoring trained models (multiple choice by log-likelihood in choice.py)."""
