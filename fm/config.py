@@ -177,6 +177,135 @@ class PretrainConfig:
 
 
 @dataclass(frozen=True)
+class InstructionsConfig:
+    heldout_fraction: float = 0.1  # share of facts (never templates) held out for evaluation
+    n_options: int = 4  # multiple-choice options per item (chance 1 / n_options)
+    seed: int = 0
+
+    def __post_init__(self):
+        if not 0.0 <= self.heldout_fraction < 1.0:
+            raise ValueError(f"instructions.heldout_fraction must be in [0, 1), got {self.heldout_fraction}")
+        if self.n_options < 2:
+            raise ValueError(f"instructions.n_options must be at least 2, got {self.n_options}")
+
+
+# Each tuning method's own settings (and learning rate); a params.yaml entry may give some keys, the rest default.
+SFT_METHODS = {
+    "full": {"lr": 3e-4},
+    "lora": {"lr": 2e-3, "rank": 8, "alpha": 16.0, "dropout": 0.05,
+             "targets": ["wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down"]},
+    "prefix": {"lr": 1e-2, "n_prefix": 16},
+    "prompt": {"lr": 3e-2, "n_virtual": 16},
+}
+
+
+def _method_settings(section: str, name: str, given: dict) -> dict:
+    unknown = sorted(set(given) - set(SFT_METHODS[name]))
+    if unknown:
+        raise ValueError(f"{section}.{name}: unknown key(s) {', '.join(unknown)} (known: {', '.join(SFT_METHODS[name])})")
+    merged = {**SFT_METHODS[name], **given}
+    if not merged["lr"] > 0:
+        raise ValueError(f"{section}.{name}.lr must be positive, got {merged['lr']}")
+    return merged
+
+
+@dataclass(frozen=True)
+class SftConfig:
+    methods: tuple = ("lora", "full", "prefix", "prompt")  # each tunes the pretrained model into 06_models/sft/models/<method>
+    teacher: str = "lora"  # the tuned model that distill and export take: full or lora (merged)
+    full: dict = field(default_factory=lambda: dict(SFT_METHODS["full"]))
+    lora: dict = field(default_factory=lambda: dict(SFT_METHODS["lora"]))
+    prefix: dict = field(default_factory=lambda: dict(SFT_METHODS["prefix"]))
+    prompt: dict = field(default_factory=lambda: dict(SFT_METHODS["prompt"]))
+    seq_len: int = 0  # packed rows of whole examples; 0: the pretrained model's seq_len (the most it takes)
+    batch_size: int = 8  # rows per process per micro-batch
+    grad_accum: int = 1
+    max_steps: int = 60
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 6
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    dtype: str = "auto"
+    eval_every: int = 30  # held-out instruction loss
+    eval_batches: int = 4
+    ckpt_every: int = 30
+    keep_checkpoints: int = 1
+    log_every: int = 10
+    mc_items: int = 500  # held-out multiple-choice items scored per model (0: all)
+    seed: int = 0
+    nproc: int = 1  # > 1: torchrun --nproc_per_node nproc (data parallel)
+    parallel: str = "ddp"  # ddp | fsdp
+    threads: int = 0
+
+    def __post_init__(self):
+        object.__setattr__(self, "methods", tuple(self.methods))
+        unknown = [m for m in self.methods if m not in SFT_METHODS]
+        if unknown or not self.methods or len(set(self.methods)) != len(self.methods):
+            raise ValueError(f"sft.methods must be distinct names among {', '.join(SFT_METHODS)}, got {list(self.methods)}")
+        if self.teacher not in ("full", "lora") or self.teacher not in self.methods:
+            raise ValueError(f"sft.teacher must be full or lora and listed in sft.methods, got {self.teacher!r}")
+        for name in SFT_METHODS:
+            object.__setattr__(self, name, _method_settings("sft", name, getattr(self, name)))
+        _positive(self, "batch_size", "grad_accum", "max_steps", "eval_every", "eval_batches", "ckpt_every",
+                  "keep_checkpoints", "nproc")
+        _training_checks("sft", self)
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    # the student: the teacher's config with these fields replaced (fewer layers, narrower); a layer whose
+    # shapes match the teacher's starts from an evenly spaced teacher layer, the embedding and final norm too
+    student: dict = field(default_factory=lambda: {"n_layer": 2})
+    temperature: float = 2.0
+    alpha: float = 0.5  # loss = alpha * T^2 * KL(teacher || student) + (1 - alpha) * cross-entropy
+    text_share: float = 0.25  # share of steps on pretraining text (the rest: the instruction set)
+    seq_len: int = 0  # 0: the teacher's seq_len
+    batch_size: int = 8
+    grad_accum: int = 1
+    max_steps: int = 80
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 8
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    dtype: str = "auto"
+    eval_every: int = 40
+    eval_batches: int = 4
+    ckpt_every: int = 40
+    keep_checkpoints: int = 1
+    log_every: int = 10
+    mc_items: int = 500
+    seed: int = 0
+    nproc: int = 1
+    parallel: str = "ddp"
+    threads: int = 0
+
+    def __post_init__(self):
+        if not self.temperature > 0:
+            raise ValueError(f"distill.temperature must be positive, got {self.temperature}")
+        for key in ("alpha", "text_share"):
+            if not 0.0 <= getattr(self, key) <= 1.0:
+                raise ValueError(f"distill.{key} must be in [0, 1], got {getattr(self, key)}")
+        _positive(self, "batch_size", "grad_accum", "max_steps", "lr", "eval_every", "eval_batches",
+                  "ckpt_every", "keep_checkpoints", "nproc")
+        _training_checks("distill", self)
+
+
+def _training_checks(section: str, cfg) -> None:
+    if cfg.dtype not in ("auto", "fp32", "bf16"):
+        raise ValueError(f"{section}.dtype must be auto, fp32 or bf16, got {cfg.dtype!r}")
+    if cfg.parallel not in ("ddp", "fsdp"):
+        raise ValueError(f"{section}.parallel must be ddp or fsdp, got {cfg.parallel!r}")
+    for key in ("seq_len", "warmup_steps", "log_every", "mc_items"):
+        if getattr(cfg, key) < 0:
+            raise ValueError(f"{section}.{key} must be >= 0, got {getattr(cfg, key)}")
+
+
+@dataclass(frozen=True)
 class ScheduleConfig:
     """When `fm serve` runs the whole pipeline by itself (read by fm serve, not by a stage)."""
 
@@ -197,6 +326,9 @@ class Params:
     tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
     shard: ShardConfig = field(default_factory=ShardConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    instructions: InstructionsConfig = field(default_factory=InstructionsConfig)
+    sft: SftConfig = field(default_factory=SftConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
 
 

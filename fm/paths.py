@@ -35,6 +35,11 @@ class Paths:
         return self.workdir / "05_tokens"
 
     @property
+    def instructions(self) -> Path:
+        """The instruction set (train.parquet, heldout.parquet, card.json)."""
+        return self.workdir / "05_instructions"
+
+    @property
     def models(self) -> Path:
         return self.workdir / "06_models"
 

@@ -25,11 +25,14 @@ from typing import Callable
 from fm.config import Params
 from fm.data.curate import curate
 from fm.data.ingest import ingest
+from fm.data.instructions import instructions
 from fm.data.shards import write_shards
 from fm.data.tokenizer import train_tokenizer
 from fm.data.validate import validate
 from fm.paths import Paths
 from fm.recipes.pretrain import pretrain
+from fm.recipes.distill import distill
+from fm.recipes.sft import sft
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,19 @@ STAGES: dict[str, Stage] = {
               outs=tuple(f"06_models/pretrain/{f}" for f in MODEL_FILES),
               metrics=("06_models/pretrain/summary.json",), plots={"06_models/pretrain/loss.csv": {"x": "step", "y": "loss"}},
               trains=True, tables={"pretrain_loss": "06_models/pretrain/loss.csv"}),
+        Stage("instructions", instructions, "Build the FLAN-style instruction set from the curated records, split by fact.",
+              upstream=("curate",), sections=("instructions",), deps=("04_curated",), outs=("05_instructions",)),
+        Stage("sft", sft, "Instruction-tune the pretrained model (full, LoRA, prefix, prompt) and score held-out QA.",
+              upstream=("pretrain", "instructions"), sections=("sft",),
+              deps=(*(f"06_models/pretrain/{f}" for f in MODEL_FILES), "05_instructions"), outs=("06_models/sft/models",),
+              metrics=("06_models/sft/summary.json",), plots={"06_models/sft/loss.csv": {"x": "step", "y": "loss"}},
+              trains=True, tables={"sft_loss": "06_models/sft/loss.csv"}),
+        Stage("distill", distill, "Distill the tuned teacher into a smaller student (KD + CE); compare size, speed, QA.",
+              upstream=("sft", "shard"), sections=("distill", "sft"),
+              deps=("06_models/sft/models", "05_instructions", "05_tokens/shards", "06_models/pretrain/config.json"),
+              outs=tuple(f"06_models/student/{f}" for f in MODEL_FILES),
+              metrics=("06_models/student/summary.json",), plots={"06_models/student/loss.csv": {"x": "step", "y": "loss"}},
+              trains=True, tables={"distill_loss": "06_models/student/loss.csv"}),
     )
 }
 

@@ -31,9 +31,11 @@ def tiny_params(path: Path) -> None:
     params = yaml.safe_load(path.read_text())
     params["tokenize"].update(vocab_size=300, min_frequency=1)
     params["validate"]["min_pass_rate"] = 0.5
-    params["pretrain"].update(preset="tiny", model={"n_layer": 1, "d_model": 32, "n_head": 2}, seq_len=16,
+    params["pretrain"].update(preset="tiny", model={"n_layer": 1, "d_model": 32, "n_head": 2}, seq_len=64,
                               batch_size=2, max_steps=4, warmup_steps=1, eval_every=2, eval_batches=1,
                               ckpt_every=2, peak_tflops=1.0, threads=1)
+    params["sft"].update(batch_size=1, max_steps=2, warmup_steps=0, eval_every=2, eval_batches=1, ckpt_every=2,
+                         mc_items=8, threads=1, prefix={"n_prefix": 2}, prompt={"n_virtual": 2})
     path.write_text(yaml.safe_dump(params, sort_keys=False, allow_unicode=True))
 
 

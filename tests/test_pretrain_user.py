@@ -19,7 +19,8 @@ from fm.config import PretrainConfig, ShardConfig
 from fm.data.shards import load_manifest, write_shards
 from fm.models import Decoder, ModelConfig, load_pretrained
 from fm.paths import Paths
-from fm.recipes.pretrain import identity_hash, model_config, plan_start, pretrain, run, run_identity, schedule_of
+from fm.recipes.pretrain import model_config, pretrain, run, run_identity, schedule_of
+from fm.train.session import identity_hash, plan_start
 from fm.train.checkpoint import latest_checkpoint, load_checkpoint
 from fm.train.optim import build_optimizer, effective_warmup, lr_at
 from tests.test_train import TINY, losses, workdir

@@ -119,8 +119,9 @@ def test_overrides_nested_and_bad_values():
 
 
 def test_select_stages_follows_the_dag():
-    assert downstream("curate") == ["curate", "tokenize", "shard", "pretrain"]
-    assert downstream("pretrain") == ["pretrain"]
+    assert downstream("curate") == ["curate", "tokenize", "shard", "pretrain", "instructions", "sft", "distill"]
+    assert downstream("pretrain") == ["pretrain", "sft", "distill"]
+    assert downstream("instructions") == ["instructions", "sft", "distill"]  # a new instruction set retunes, never pretrains
     assert select_stages(["shard", "ingest"]) == ["ingest", "shard"]
     with pytest.raises(ValueError, match="unknown stage 'pretrian'"):
         select_stages(["pretrian"])

@@ -34,13 +34,16 @@ import hashlib
 import inspect
 import random
 import re
+import time
 from collections import defaultdict
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from fm.config import InstructionsConfig
 from fm.io import write_json, write_parquet
+from fm.paths import Paths
 
 INSTRUCTION_SCHEMA = pa.schema(
     [
@@ -321,3 +324,18 @@ def build_instructions(curated_dir: Path, out_dir: Path, heldout_fraction: float
         write_parquet(table, out_dir / f"{split}.parquet")
     write_json(card, out_dir / "card.json")
     return card
+
+
+def instructions(cfg: InstructionsConfig, paths: Paths) -> dict:
+    """The instructions stage: build the set from `paths.curated` into `paths.instructions`."""
+    start = time.perf_counter()
+    if not any((paths.curated / f"{m}.parquet").exists() for m in ("triples", "image_text", "text", "code")):
+        raise FileNotFoundError(f"no curated tables in {paths.curated}: run `fm curate` first")
+    card = build_instructions(paths.curated, paths.instructions, cfg.heldout_fraction, cfg.seed, cfg.n_options)
+    if not card["rows"]["train"]:
+        raise ValueError(f"instructions: the curated tables in {paths.curated} hold no record any task can use "
+                         f"(WordNet hypernyms, country capitals/currencies/languages, class captions, poems, "
+                         f"Python functions with docstrings)")
+    return {"stage": "instructions", "rows": card["rows"], "facts": card["facts"],
+            "tasks": {task: sum(c["train"] + c["heldout"] for c in langs.values()) for task, langs in card["counts"].items()},
+            "outputs": [str(paths.instructions)], "seconds": round(time.perf_counter() - start, 3)}

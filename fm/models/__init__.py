@@ -4,7 +4,7 @@ and `load_pretrained` (pretrained.py): a trained model folder back as (model, to
 from fm.models.attention import build_mask
 from fm.models.decoder import PRESETS, Decoder, KVCache, ModelConfig
 from fm.models.moe import MoE, hash_experts
-from fm.models.pretrained import load_decoder, load_pretrained
+from fm.models.pretrained import load_decoder, load_pretrained, load_tuned
 
 __all__ = ["PRESETS", "Decoder", "KVCache", "ModelConfig", "MoE", "build_mask", "hash_experts", "load_decoder",
-           "load_pretrained"]
+           "load_pretrained", "load_tuned"]

@@ -77,3 +77,32 @@ def load_pretrained(model_dir: str | Path, device: str | torch.device = "cpu"):
         raise ValueError(f"{path} is not the tokenizer this model was trained with (sha256 differs from config.json): "
                          f"export the model again (rerun `fm pretrain`: a finished run exports again without training)")
     return model, open_tokenizer(path)  # special tokens are never matched in text
+
+
+def load_tuned(model_dir: str | Path, device: str | torch.device = "cpu"):
+    """(model, tokenizer) from a tuned model folder (`fm sft` writes them): a Decoder, or for prefix and prompt
+    tuning the pretrained Decoder behind its adapter (PrefixTuning / PromptTuning), whose adapter.safetensors
+    is checked against config.json's sha256 like the weights. A plain model folder loads as load_pretrained."""
+    from fm.models.adapters import PrefixTuning, PromptTuning
+
+    model_dir = Path(model_dir)
+    model, tokenizer = load_pretrained(model_dir, device)
+    adapter = json.loads((model_dir / "config.json").read_text()).get("adapter")
+    if adapter is None:
+        return model, tokenizer
+    path = model_dir / adapter["path"]
+    if not path.is_file() or path.stat().st_size != adapter["bytes"] or sha256_file(path) != adapter["sha256"]:
+        raise ValueError(f"{path} is missing, damaged or changed after export (size or sha256 differs from config.json): "
+                         f"rerun `fm sft` (a finished run exports again without training)")
+    tensors = load_file(str(path))
+    if adapter["method"] == "prefix":
+        wrapped = PrefixTuning(model, adapter["n_prefix"])
+    elif adapter["method"] == "prompt":
+        wrapped = PromptTuning(model, adapter["n_virtual"])
+    else:
+        raise ValueError(f"{model_dir / 'config.json'}: unknown adapter method {adapter['method']!r}")
+    try:
+        wrapped.load_state_dict({**{f"model.{k}": v for k, v in model.state_dict().items()}, **tensors})
+    except RuntimeError as e:
+        raise ValueError(f"{path} does not fit the model in {model_dir}: {e}") from None
+    return wrapped.to(device).eval(), tokenizer

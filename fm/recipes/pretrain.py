@@ -14,7 +14,7 @@ Writes:
     06_models/pretrain/model.safetensors, config.json, tokenizer.json, metrics.jsonl, summary.json
                                                     (load with fm.models.load_pretrained)
 
-Where a rerun starts (`plan_start`): the newest checkpoint is
+Where a rerun starts (fm.train.session, shared with sft and distill): the newest checkpoint is
     resumed      when it is this run (same run identity) with the same schedule: a crashed run goes on, and
                  its losses are bit-identical to an uninterrupted run's (dropout too: every rank's RNG state is
                  in the checkpoint; on another process layout it is re-seeded, with a note); at max_steps nothing
@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
@@ -59,13 +58,12 @@ from fm.io import sha256_file
 from fm.io import atomic_dir
 from fm.models.decoder import PRESETS, Decoder, ModelConfig
 from fm.paths import Paths
-from fm.train.checkpoint import (export_model, load_checkpoint, load_rng_state, newest_intact_checkpoint,
-                                 save_checkpoint, seed_rng, set_aside)
+from fm.train.checkpoint import export_model, seed_rng
 from fm.train.launch import die_with_parent, run_torchrun
-from fm.train.loop import measure_matmul_peak, train
+from fm.train.loop import measure_matmul_peak, progress_bar, train
 from fm.train.optim import build_optimizer, effective_warmup
-from fm.train.parallel import (Dist, all_gather_object, broadcast_object, check_layout, destroy_distributed,
-                               init_distributed, parallelize)
+from fm.train.parallel import Dist, all_gather_object, check_layout, destroy_distributed, init_distributed, parallelize
+from fm.train.session import TrainingSession
 
 # Settings that change how a run is executed but not the numbers it computes: a checkpoint
 # written under one of them resumes under another (different process count, FSDP vs DDP, ...).
@@ -77,8 +75,6 @@ EXECUTION_ONLY = ("batch_size", "grad_accum", "nproc", "parallel", "cpu_offload"
 # checkpoint, if that is before the new max_steps). The data loader's state stays valid under a new
 # mix as long as it draws from the same modalities, which are part of the run identity.
 SCHEDULE = ("max_steps", "warmup_steps", "lr", "min_lr_ratio", "mix")
-# A run that will set another run's checkpoints aside logs here until it has saved its first checkpoint.
-PENDING_METRICS = ".metrics-pending.jsonl"
 
 
 def model_config(cfg: PretrainConfig, vocab_size: int) -> ModelConfig:
@@ -148,32 +144,8 @@ def run_identity(cfg: PretrainConfig, manifest: dict, dp_size: int, modalities: 
     return settings
 
 
-def identity_hash(identity: dict) -> str:
-    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
-
-
 def schedule_of(cfg: PretrainConfig) -> dict:
     return {k: getattr(cfg, k) for k in SCHEDULE}
-
-
-def plan_start(saved: dict | None, identity: dict, schedule: dict, fresh: bool = False) -> tuple[str, str]:
-    """What to do with the newest checkpoint, given its train_state.json (`saved`; None if there is none):
-    ("start", ""), ("resume", ""), ("continue", what changed) or ("set_aside", why). See the module docstring."""
-    if saved is None:
-        return "start", ""
-    if fresh:
-        return "set_aside", "a fresh start was asked for"
-    if saved.get("run_identity") != identity_hash(identity):
-        old = saved.get("run") or {}
-        differ = [k for k in identity if k in old and old[k] != identity[k]]
-        return "set_aside", f"another run ({', '.join(differ)} {'differs' if len(differ) == 1 else 'differ'})" if differ else "another run"
-    old = saved["schedule"]
-    if old == schedule:
-        return "resume", ""
-    changed = ", ".join(f"{k} {old.get(k)} -> {schedule[k]}" for k in schedule if old.get(k) != schedule[k])
-    if saved["step"] < schedule["max_steps"]:
-        return "continue", changed
-    return "set_aside", f"the schedule changed ({changed}) and step {saved['step']} is not before max_steps {schedule['max_steps']}"
 
 
 def run(cfg: PretrainConfig, paths: Paths, progress: bool = True, fresh: bool = False, verified: bool = False) -> dict:
@@ -230,85 +202,27 @@ def _run(cfg: PretrainConfig, paths: Paths, d: Dist, progress: bool, fresh: bool
 
     ckpt_root = paths.checkpoints / "pretrain"
     identity, schedule = run_identity(cfg, manifest, d.dp_size, loader.modalities), schedule_of(cfg)
-    # Rank 0 finds the newest intact checkpoint and decides; every rank follows.
-    action, why, newest, saved = "start", "", None, None
-    if d.is_main:
-        found, skipped = newest_intact_checkpoint(ckpt_root)
-        for path, problem, moved in skipped:
-            print(f"pretrain: checkpoint {path} is damaged or incomplete ({problem}): not resumed, kept as {moved.name}",
-                  file=sys.stderr)
-        newest, saved = found if found else (None, None)
-        action, why = plan_start(saved, identity, schedule, fresh)
-        if action in ("resume", "continue") and "checksums" not in saved:
-            print(f"pretrain: {newest} has no checksums.json (saved by an older fm): resuming it unverified", file=sys.stderr)
-    action, newest = broadcast_object((action, str(newest) if newest else None))
-    start_step, history_of_schedule, summary_extra = 0, [{"from_step": 0, **schedule}], {}
-    if action in ("resume", "continue"):
-        state = load_checkpoint(Path(newest), model, optimizer, verify=False)  # rank 0 has just checked it
-        loader.load_state_dict(state["loader"])
-        start_step = state["step"]
-        if not load_rng_state(Path(newest), state, d):
-            seed_rng(cfg.seed, d, start_step)
-            if d.is_main:
-                print(f"pretrain: {newest} holds no RNG state for this process layout: dropout re-seeded from seed, data-parallel "
-                      f"rank and step {start_step} (the losses will not be bit-identical to an uninterrupted run's)",
-                      file=sys.stderr)
-        history_of_schedule = state["schedule_history"]
-        if action == "continue":
-            history_of_schedule = history_of_schedule + [{"from_step": start_step, **schedule}]
-            summary_extra = {"continued_from_step": start_step, "previous_max_steps": state["schedule"]["max_steps"],
-                             "previous_schedule": {k: v for k, v in state["schedule"].items() if schedule[k] != v}}
-    # Another run's checkpoints move aside only once this run has saved one of its own: a run that fails
-    # before that leaves them in place, resumable. Until then this run logs to PENDING_METRICS.
-    metrics_path, old_run = ckpt_root / "metrics.jsonl", None
-    if d.is_main:
-        ckpt_root.mkdir(parents=True, exist_ok=True)
-        (ckpt_root / PENDING_METRICS).unlink(missing_ok=True)  # from a run that failed before its first save
-        if action == "set_aside":
-            old_run = (saved.get("run_identity", "unknown")[:8], saved["step"])
-            metrics_path = ckpt_root / PENDING_METRICS
-            print(f"pretrain: {why}: training from step 0 (the checkpoints up to step {saved['step']} move aside "
-                  f"when this run saves its first)", file=sys.stderr)
-        elif action == "continue":
-            print(f"pretrain: continuing the run from step {start_step} with a new schedule ({why})", file=sys.stderr)
-        elif action == "resume" and start_step >= cfg.max_steps:
-            print(f"pretrain: already trained to step {start_step} with this configuration; exporting it again "
-                  f"(to train from step 0: fm pretrain --force, or --fresh here)", file=sys.stderr)
-        elif action == "resume":
-            print(f"pretrain: resuming from step {start_step}", file=sys.stderr)
-        if action != "set_aside":
-            _truncate_metrics(metrics_path, start_step)
+    session = TrainingSession("pretrain", ckpt_root, identity, schedule, d, fresh)
+    start_step = session.start(model, optimizer, loader, cfg.seed)
     warmup = effective_warmup(cfg.warmup_steps, cfg.max_steps)
     if warmup != cfg.warmup_steps and d.is_main and start_step < cfg.max_steps:
         print(f"pretrain: warmup_steps ({cfg.warmup_steps}) >= max_steps ({cfg.max_steps}): warming up over "
               f"{warmup} steps (a tenth of the run) instead", file=sys.stderr)
 
-    def set_old_run_aside(leave: tuple[str, ...] = ()) -> None:
-        nonlocal old_run
-        tag, old_step = old_run
-        aside = set_aside(ckpt_root, tag, leave=("launch.json", PENDING_METRICS, *leave))
-        os.replace(ckpt_root / PENDING_METRICS, ckpt_root / "metrics.jsonl")  # the loop's open file follows the rename
-        print(f"pretrain: the other run's checkpoints up to step {old_step} set aside in {aside}", file=sys.stderr)
-        summary_extra["set_aside"] = str(aside)
-        old_run = None
-
     def checkpoint(step: int) -> None:
-        save_checkpoint(ckpt_root, step, model, optimizer,
-                        {"loader": loader.state_dict(), "run_identity": identity_hash(identity), "run": identity,
-                         "schedule": schedule, "schedule_history": history_of_schedule, "config": dataclasses.asdict(cfg)},
-                        d, keep=cfg.keep_checkpoints,
-                        before_publish=(lambda tmp: set_old_run_aside((tmp.name,))) if old_run else None)
+        session.save(step, model, optimizer, loader, {"config": dataclasses.asdict(cfg)}, keep=cfg.keep_checkpoints)
 
     to_train = start_step < cfg.max_steps
     peak = cfg.peak_tflops * 1e12 or (measure_matmul_peak(d.device, _matmul_dtype(dtype)) if to_train else 0.0)
-    bar = _progress() if (progress and d.is_main and to_train) else nullcontext(None)
+    bar = progress_bar() if (progress and d.is_main and to_train) else nullcontext(None)
     with bar as prog:
-        history = train(model, optimizer, loader, cfg, d, val_loader=val_loader, start_step=start_step,
-                        checkpoint_fn=checkpoint, metrics_path=metrics_path,
+        # the loop gets the resolved dtype: "auto" is bf16 autocast on a GPU that has it
+        history = train(model, optimizer, loader, dataclasses.replace(cfg, dtype=dtype), d, val_loader=val_loader,
+                        start_step=start_step,
+                        checkpoint_fn=checkpoint, metrics_path=session.metrics_path,
                         flops_per_token=mcfg.flops_per_token(cfg.seq_len), peak_flops=peak, progress=prog,
                         pipeline=pipeline)
-    if old_run:  # trained without saving a checkpoint (ckpt_every 0)
-        set_old_run_aside()
+    session.finish()
 
     if history and not cfg.peak_tflops:
         # A peak measured while other work shared the device reads low (and MFU high): measure
@@ -319,7 +233,7 @@ def _run(cfg: PretrainConfig, paths: Paths, d: Dist, progress: bool, fresh: bool
                 if "mfu" in r:
                     r["mfu"] = round(r["mfu"] * peak / end_peak, 4)
             peak = end_peak
-    summary = {"stage": "pretrain", "resumed_from_step": start_step, **summary_extra, "steps": cfg.max_steps,
+    summary = {"stage": "pretrain", "resumed_from_step": start_step, **session.summary_extra, "steps": cfg.max_steps,
                "warmup_steps": warmup, "params": mcfg.num_params(), "world_size": d.world_size,
                "layout": {"dp": d.dp_size, "pp": d.pp_size, "tp": d.tp_size}, "dtype": dtype,
                "device": str(d.device.type)}
@@ -331,7 +245,7 @@ def _run(cfg: PretrainConfig, paths: Paths, d: Dist, progress: bool, fresh: bool
             summary["mfu"] = round(sum(r["mfu"] for r in tail) / len(tail), 4)
     out = paths.models / "pretrain"
     meta = {"tokenizer": {**manifest["tokenizer"], "path": "tokenizer.json"}, "pretrain": dataclasses.asdict(cfg),
-            "step": cfg.max_steps, "schedule_history": history_of_schedule}
+            "step": cfg.max_steps, "schedule_history": session.schedule_history}
     with (atomic_dir(out) if d.is_main else nullcontext(None)) as tmp:
         export_model(model, mcfg, tmp, d, meta)  # collective: every rank gathers, rank 0 writes
         if d.is_main:
@@ -378,25 +292,6 @@ def _write_loss_csv(records: list[dict], path: Path) -> None:
         val = f"{r['val_loss']:.6f}" if "val_loss" in r else ""
         rows.append(f"{r['step']},{r['loss']:.6f},{val},{r['lr']:.6g}")
     path.write_text("\n".join(rows) + "\n")
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Keep metric lines up to `step`: a resumed run rewrites what came after its checkpoint."""
-    if not path.exists():
-        return
-    keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in keep))
-
-
-def _progress():
-    """A live bar on stderr when it is a terminal; else nothing (the loop prints a line every log_every steps)."""
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    console = Console(stderr=True)
-    if not console.is_terminal:
-        return nullcontext(None)
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=console)
 
 
 def pretrain(cfg: PretrainConfig, paths: Paths, fresh: bool = False) -> dict:

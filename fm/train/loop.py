@@ -60,16 +60,34 @@ def evaluate(model: nn.Module, loader, batches: int, device: torch.device, dtype
     model.eval()
     total = torch.zeros((), device=device)
     for _ in range(batches):
-        x, y, domains = (t.to(device) for t in loader.next_batch())
+        x, y, domains, packing = _batch(loader, device)
         with autocast_context(device, dtype):
             if pipeline is not None:  # forward through the stages; the loss lives on the last one
                 total += pipeline.eval_loss(x, y)
                 continue
-            _, loss, aux = model(x, y, domains=domains)
+            _, loss, aux = model(x, y, domains=domains, **packing)
         total += aux.get("ce_loss", loss).float()
     model.train()
     loader.load_state_dict(state)
     return mean_loss(total / batches, d or Dist()).item()
+
+
+def progress_bar():
+    """A live bar on stderr when it is a terminal; else nothing (train prints a line every log_every steps)."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    console = Console(stderr=True)
+    if not console.is_terminal:
+        return nullcontext(None)
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=console)
+
+
+def _batch(loader, device: torch.device):
+    """(x, y, domains, model kwargs) of the loader's next batch. A loader of packed examples (fm.data.packing)
+    adds doc_ids (B, T) after the domains: attention and positions then stay within each example."""
+    x, y, domains, *rest = (t.to(device, non_blocking=True) for t in loader.next_batch())
+    return x, y, domains, ({"doc_ids": rest[0]} if rest else {})
 
 
 def _moe_load(record: dict) -> str:
@@ -96,18 +114,22 @@ def train(
     peak_flops: float = 0.0,
     progress=None,
     pipeline: Pipeline | None = None,
+    name: str = "pretrain",
 ) -> list[dict]:
     """Train from start_step to cfg.max_steps; return one metrics record per step.
 
     cfg needs: max_steps, lr, warmup_steps, min_lr_ratio, grad_accum, grad_clip, batch_size,
     seq_len, dtype, eval_every, eval_batches, ckpt_every, log_every.
     pipeline: with pipeline parallelism, runs each micro-batch's forward and backward through the stages.
+    name: the run's name on the progress bar.
+    The loss is what model(x, y, domains=..., [doc_ids=...]) returns; its aux["ce_loss"], when there is one,
+    is what the loop logs as "loss" (the data term, without MoE balancing or distillation terms).
     """
     is_ddp = isinstance(model, nn.parallel.DistributedDataParallel)
     tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * d.dp_size  # tp and pp ranks share a batch
     history: list[dict] = []
     metrics = open(metrics_path, "a") if (metrics_path and d.is_main) else None
-    task = progress.add_task("pretrain", total=cfg.max_steps, completed=start_step) if progress else None
+    task = progress.add_task(name, total=cfg.max_steps, completed=start_step) if progress else None
     # A log file or CI has no live progress bar: print a line every log_every steps instead.
     log_lines = d.is_main and cfg.log_every > 0 and (progress is None or not progress.console.is_terminal)
     model.train()
@@ -121,7 +143,7 @@ def train(
             loss_sum = torch.zeros((), device=d.device)
             aux_last = {}
             for micro in range(cfg.grad_accum):
-                x, y, domains = (t.to(d.device, non_blocking=True) for t in loader.next_batch())  # (B, T), (B, T), (B,)
+                x, y, domains, packing = _batch(loader, d.device)  # (B, T), (B, T), (B,) or (B, T), {doc_ids: (B, T)}
                 if pipeline is not None:
                     # Pipeline parallel: the schedule splits the batch into microbatches and runs this stage's
                     # forward and backward for each, passing activations and gradients to the neighbouring stages.
@@ -133,7 +155,7 @@ def train(
                 sync = nullcontext() if (last or not is_ddp) else model.no_sync()
                 with sync:
                     with autocast_context(d.device, cfg.dtype):
-                        _, loss, aux_last = model(x, y, domains=domains)
+                        _, loss, aux_last = model(x, y, domains=domains, **packing)
                     (loss / cfg.grad_accum).backward()
                 loss_sum += aux_last.get("ce_loss", loss).detach().float()
 
@@ -160,7 +182,7 @@ def train(
                 metrics.flush()
             shown = f"loss {loss_value:.3f}" + (f" val {record['val_loss']:.3f}" if "val_loss" in record else "")
             if progress:
-                progress.update(task, advance=1, description=f"pretrain {shown} {tokens_per_s:,.0f} tok/s")
+                progress.update(task, advance=1, description=f"{name} {shown} {tokens_per_s:,.0f} tok/s")
             if log_lines and ((step + 1) % cfg.log_every == 0 or "val_loss" in record or step + 1 == cfg.max_steps):
                 mfu = f" mfu {record['mfu']:.1%}" if "mfu" in record else ""
                 print(f"step {step + 1}/{cfg.max_steps} {shown} lr {lr:.2e} {tokens_per_s:,.0f} tok/s{mfu}{_moe_load(record)}",
