@@ -192,7 +192,7 @@ class InstructionsConfig:
 # Each tuning method's own settings (and learning rate); a params.yaml entry may give some keys, the rest default.
 SFT_METHODS = {
     "full": {"lr": 3e-4},
-    "lora": {"lr": 2e-3, "rank": 8, "alpha": 16.0, "dropout": 0.05,
+    "lora": {"lr": 5e-3, "rank": 8, "alpha": 16.0, "dropout": 0.05,
              "targets": ["wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down"]},
     "prefix": {"lr": 1e-2, "n_prefix": 16},
     "prompt": {"lr": 3e-2, "n_virtual": 16},

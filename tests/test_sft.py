@@ -347,9 +347,6 @@ def test_two_ranks_together_give_the_rows_of_one_rank_with_twice_the_batch():
     assert ranks[0].state_dict() == ranks[1].state_dict() == one.state_dict()
 
 
-@pytest.mark.xfail(strict=True, reason="fm/data/packing.py PackedLoader.next_batch: a later epoch may pack into fewer "
-                                       "rows than a global batch (only epoch 0 is checked in __init__), and the "
-                                       "batch silently comes out short (ranks get different batch sizes)")
 def test_every_batch_has_batch_size_rows_in_every_epoch():
     # 4 examples of 9, 12, 13 and 7 positions in rows of 16: 4 rows in epoch 0, 3 in epoch 1 (9 + 7 share one).
     examples = [([1000 + i] + [50] * (n - 1), [IGNORE_INDEX] + [50] * (n - 1), 0) for i, n in enumerate((10, 13, 14, 8))]
@@ -796,12 +793,6 @@ def test_killed_distill_run_resumes_bit_identical(trained, base, root, monkeypat
 # ------------------------------------------------------------------ exports are reproducible
 
 
-@pytest.mark.xfail(strict=True, reason="fm/train/checkpoint.py:277 export_model passes save_file two metadata keys "
-                                       "(format, fm_model); safetensors 0.8 writes its metadata HashMap in random "
-                                       "order, so the same weights give different bytes and sha256 on each export. "
-                                       "config.json records that sha256, and sft (sft.py:170) and distill "
-                                       "(distill.py:211) put it in their run identity: re-exporting a finished "
-                                       "pretrain sets sft's finished checkpoints aside as 'another run (data differs)'")
 def test_exporting_the_same_weights_twice_writes_the_same_file(tmp_path):
     from fm.io import sha256_file
     from fm.train.checkpoint import export_model

@@ -7,14 +7,16 @@
 
 An example is (ids, labels, domain) as fm.data.chat.ChatTemplate.encode gives them (labels aligned with
 ids, -100 where no loss). It contributes len(ids) - 1 positions to a row: inputs ids[:-1], targets
-labels[1:]. Rows are filled first-fit in a shuffled order, the examples never cut, the tail padded
+labels[1:]. Rows are filled in a shuffled order (a row is closed when the next example does not fit), the
+examples never cut, the tail padded
 (pad id, target -100, its own doc id). `doc_ids` numbers the examples of a row, so the decoder keeps
 attention and RoPE positions within each one (Decoder.forward's doc_ids): a packed example is computed
 exactly as it would be alone, and its prompt tokens carry no loss.
 
 Deterministic and resumable: epoch e's order is a permutation drawn from (seed, e); every data-parallel
 rank builds the same rows and takes its own `batch_size` of each global batch. The state is (epoch,
-row cursor), the same on every rank; an epoch's tail that does not fill a global batch is skipped.
+row cursor), the same on every rank; an epoch's tail that does not fill a global batch is skipped (and an
+epoch that packs into fewer rows than one global batch, whole).
 """
 
 from __future__ import annotations
@@ -85,8 +87,13 @@ class PackedLoader:
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """This rank's share of the next global batch: x, y, domains, doc_ids, each (B, T)."""
         B, W = self.batch_size, self.world_size
-        if self.cursor + B * W > len(self._epoch_rows()):
-            self.epoch, self.cursor, self._rows = self.epoch + 1, 0, None
+        tries = 0
+        while self.cursor + B * W > len(self._epoch_rows()):
+            # Another order can pack into fewer rows: an epoch too short for one global batch is skipped whole.
+            self.epoch, self.cursor, self._rows, tries = self.epoch + 1, 0, None, tries + 1
+            if tries > 100:
+                raise ValueError(f"100 epochs in a row pack into fewer rows than one global batch ({B} x {W}): "
+                                 f"lower batch_size or add examples")
         rows = self._epoch_rows()[self.cursor + self.rank * B: self.cursor + (self.rank + 1) * B]
         self.cursor += B * W
         return tuple(torch.stack(t) for t in zip(*(self.row(r) for r in rows)))

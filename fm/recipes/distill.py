@@ -191,7 +191,7 @@ def train_student(cfg: DistillConfig, sft: SftConfig, paths: Paths, d: Dist, fre
     loader = MixedLoader(packed, text, cfg.text_share)
     val_loader = None
     try:
-        val_loader = PackedLoader(heldout, seq_len, cfg.batch_size, cfg.seed, d.dp_rank, d.dp_size, pad_id=pad, shuffle=False)
+        val_loader = PackedLoader(heldout, seq_len, cfg.batch_size, cfg.seed, d.dp_rank, d.dp_size, pad_id=pad)
     except ValueError as e:
         if d.is_main:
             print(f"distill: no held-out loss ({e})", file=sys.stderr)

@@ -148,7 +148,7 @@ def train_method(cfg: SftConfig, method: str, paths: Paths, d: Dist, fresh: bool
     val_loader = None
     try:
         val_loader = PackedLoader(heldout, row_len, cfg.batch_size, cfg.seed, d.dp_rank, d.dp_size,
-                                  pad_id=SPECIAL_IDS["<|pad|>"], shuffle=False)
+                                  pad_id=SPECIAL_IDS["<|pad|>"])  # a fixed shuffle: every task in the eval batches
     except ValueError as e:
         if d.is_main:
             print(f"sft {method}: no held-out loss ({e})", file=sys.stderr)
@@ -164,7 +164,7 @@ def train_method(cfg: SftConfig, method: str, paths: Paths, d: Dist, fresh: bool
 
     identity = {k: v for k, v in dataclasses.asdict(cfg).items()
                 if k not in EXECUTION_ONLY + SCHEDULE + tuple(m for m in ("full", "lora", "prefix", "prompt"))}
-    identity.update(method=method, settings={k: v for k, v in settings.items() if k != "lr"},
+    identity.update(method=method, seq_len=seq_len, settings={k: v for k, v in settings.items() if k != "lr"},
                     global_batch=cfg.batch_size * cfg.grad_accum * d.dp_size,
                     data={"instructions": sha256_file(paths.instructions / "train.parquet"),
                           "pretrained": json.loads((pretrained_dir / "config.json").read_text())["weights"]["sha256"]})

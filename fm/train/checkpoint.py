@@ -274,7 +274,9 @@ def export_model(model: nn.Module, cfg: ModelConfig, out_dir: Path, d: Dist, met
     out_dir.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
     with atomic_path(out_dir / "model.safetensors") as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "pt", "fm_model": "decoder"})
+        # One metadata key: safetensors writes several in a random order, and the same weights must give the
+        # same bytes (their sha256 is in every downstream run identity: a re-export must not look like new data).
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
         weights = {"path": "model.safetensors", "bytes": tmp.stat().st_size, "sha256": sha256_file(tmp)}
     with atomic_path(out_dir / "config.json") as tmp:
         tmp.write_text(json.dumps({"model": cfg.to_dict(), "weights": weights, **(meta or {})}, indent=2))
