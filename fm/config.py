@@ -194,8 +194,8 @@ SFT_METHODS = {
     "full": {"lr": 3e-4},
     "lora": {"lr": 5e-3, "rank": 8, "alpha": 16.0, "dropout": 0.05,
              "targets": ["wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down"]},
-    "prefix": {"lr": 1e-2, "n_prefix": 16},
-    "prompt": {"lr": 3e-2, "n_virtual": 16},
+    "prefix": {"lr": 5e-2, "n_prefix": 16},
+    "prompt": {"lr": 1e-1, "n_virtual": 16},
 }
 
 
@@ -438,8 +438,9 @@ def describe_section(name: str, path: str | Path = "params.yaml") -> list[tuple[
     if path.is_file():
         section = None
         for line in path.read_text(encoding="utf-8").splitlines():
-            if line and not line[0].isspace() and line.rstrip().endswith(":"):
-                section = line.strip()[:-1]
+            head = line.partition(" #")[0].rstrip()  # a section line may carry a comment too
+            if head and not line[0].isspace() and head.endswith(":"):
+                section = head[:-1]
             elif section == name and line.startswith("  ") and not line.startswith("   ") and ":" in line:
                 key, _, rest = line.strip().partition(":")
                 comments[key] = rest.partition(" #")[2].strip() if " #" in rest else ""

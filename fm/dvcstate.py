@@ -8,7 +8,8 @@ ran a stage, `dvc status` and `dvc repro` agree on what is up to date:
   dvc.lock) and the run's effective settings for the sections it reads equal params.yaml's
   (a `--set` override of one of them makes it stale for this run, and only it);
 - a stage that ran is recorded only when it ran with dvc.yaml's paths and params.yaml's
-  settings for its sections: an overridden run is never recorded as if params.yaml had made it.
+  settings for its sections and every upstream stage's: an overridden run (or one that read an
+  overridden run's outputs) is never recorded as if params.yaml had made it.
 
 Paths are resolved against the project root (the folder holding dvc.yaml and .dvc/), found from
 the params file's folder upwards, so a run started from another directory sees the same state.
@@ -82,7 +83,7 @@ class RunContext:
 
     def tracked(self, name: str) -> tuple[bool, str]:
         """Whether stage `name` of this run is what dvc.yaml describes; else why not (one line)."""
-        from fm.stages import STAGES
+        from fm.stages import STAGES, ancestors
 
         if self.root is None:
             return False, ""  # not a DVC project: nothing to record, nothing to say
@@ -91,6 +92,10 @@ class RunContext:
         changed = self.overridden_sections(STAGES[name].sections)
         if changed:
             return False, f"--set overrides change params section(s) {', '.join(changed)}"
+        # Its inputs are the products of an overridden upstream stage: not what params.yaml makes either.
+        upstream = [u for u in ancestors(name) if self.overridden_sections(STAGES[u].sections)]
+        if upstream:
+            return False, f"it reads the outputs of {', '.join(upstream)}, run with --set overrides"
         return True, ""
 
 

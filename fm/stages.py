@@ -134,6 +134,18 @@ def downstream(name: str) -> list[str]:
     return [n for n in STAGES if n in out]
 
 
+def ancestors(name: str) -> list[str]:
+    """Every stage whose outputs `name` reads, directly or through others, in table order."""
+    out: set[str] = set()
+    todo = list(STAGES[name].upstream)
+    while todo:
+        up = todo.pop()
+        if up not in out:
+            out.add(up)
+            todo.extend(STAGES[up].upstream)
+    return [n for n in STAGES if n in out]
+
+
 def validate_names(names: list[str] | None) -> None:
     for name in names or []:
         if name not in STAGES:

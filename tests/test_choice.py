@@ -94,6 +94,23 @@ def test_results_do_not_depend_on_batch_size(overrides):
         assert [g for _, g in other] == [g for _, g in one]
 
 
+def test_a_domain_routed_moe_scores_each_pair_with_its_own_domain():
+    model = base_model(moe_layers="all", moe_routing="domain", n_experts=3, n_domains=3)
+    pairs = random_pairs(9, seed=4)
+    domains = [i % 3 for i in range(len(pairs))]
+    got = continuation_logprobs(model, pairs, max_len=32, batch_size=4, domains=domains)
+    for (lp, _), (context, continuation), dom in zip(got, pairs, domains):
+        ids = torch.tensor([context + continuation])  # (1, S)
+        with torch.no_grad():
+            logp = F.log_softmax(model(ids, domains=torch.tensor([dom]))[0][0], dim=-1)  # (S, V)
+        n = len(context)
+        assert lp == pytest.approx(logp[n - 1:-1][torch.arange(len(continuation)), torch.tensor(continuation)].sum().item(), abs=1e-5)
+    other = continuation_logprobs(model, pairs, max_len=32, batch_size=4, domains=[(d + 1) % 3 for d in domains])
+    assert max(abs(a[0] - b[0]) for a, b in zip(got, other)) > 1e-3  # the domain picks the expert
+    with pytest.raises(ValueError, match="domain routing needs domains"):
+        continuation_logprobs(model, pairs, max_len=32)
+
+
 def test_pad_id_does_not_change_the_scores():
     model = base_model()
     pairs = random_pairs(8, seed=2)

@@ -36,6 +36,8 @@ def tiny_params(path: Path) -> None:
                               ckpt_every=2, peak_tflops=1.0, threads=1)
     params["sft"].update(batch_size=1, max_steps=2, warmup_steps=0, eval_every=2, eval_batches=1, ckpt_every=2,
                          mc_items=8, threads=1, prefix={"n_prefix": 2}, prompt={"n_virtual": 2})
+    params["distill"].update(student={"n_layer": 1, "d_model": 16}, batch_size=1, max_steps=2, warmup_steps=0,
+                             eval_every=2, eval_batches=1, ckpt_every=2, mc_items=8, threads=1)
     path.write_text(yaml.safe_dump(params, sort_keys=False, allow_unicode=True))
 
 
@@ -114,11 +116,12 @@ def test_fm_run_then_each_kind_of_edit_reruns_exactly_the_stale_stages(project):
     # no change: every stage is skipped
     assert set(fm_run().values()) == {"skipped"}
 
-    # a helper module that only the shard and pretrain stages import
+    # a helper module that only the shard, pretrain and distill stages import (distill reads pretraining windows);
+    # sft reads pretrain's model, which a rerun exports again byte for byte, so sft stays skipped
     with open(project / "fm" / "data" / "shards.py", "a") as f:
         f.write("\n# an edit\n")
-    assert stale(project) == {"shard", "pretrain"}
-    assert ran(fm_run()) == {"shard", "pretrain"}
+    assert stale(project) == {"shard", "pretrain", "distill"}
+    assert ran(fm_run()) == {"shard", "pretrain", "distill"}
     assert stale(project) == set()
 
     # a module every data stage imports (the issue found it missing from dvc.yaml)
@@ -133,17 +136,17 @@ def test_fm_run_then_each_kind_of_edit_reruns_exactly_the_stale_stages(project):
     params["tokenize"]["vocab_size"] = 290
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False, allow_unicode=True))
     assert stale(project) == {"tokenize"}
-    assert ran(fm_run()) == {"tokenize", "shard", "pretrain"}
+    assert ran(fm_run()) == {"tokenize", "shard", "pretrain", "sft", "distill"}
     assert stale(project) == set()
 
     # a --set override: only the stages whose sections it changes rerun, and nothing is recorded for them
     lock_before = (project / "dvc.lock").read_text()
     statuses = fm_run("--set", "pretrain.max_steps=3")
-    assert ran(statuses) == {"pretrain"}, statuses
+    assert ran(statuses) == {"pretrain", "sft", "distill"}, statuses  # and what reads the new weights
     assert (project / "dvc.lock").read_text() == lock_before
-    assert stale(project) == {"pretrain"}  # the weights are not what params.yaml makes
+    assert stale(project) == {"pretrain", "sft", "distill"}  # the weights are not what params.yaml makes
     # ...and the next plain run trains to params.yaml's max_steps again (continuing the 3-step run)
-    assert ran(fm_run()) == {"pretrain"}
+    assert ran(fm_run()) == {"pretrain", "sft", "distill"}
     assert stale(project) == set()
 
     # an input file: ingest and whatever its changed output reaches
@@ -166,7 +169,7 @@ def test_dvc_repro_reruns_exactly_the_stale_stages_and_dvc_push_pull_restores_al
     assert repro_ran(project) == set()
     with open(project / "fm" / "data" / "shards.py", "a") as f:
         f.write("\n# an edit\n")
-    assert repro_ran(project) == {"shard", "pretrain"}
+    assert repro_ran(project) == {"shard", "pretrain", "distill"}
     with open(project / "data" / "01_raw" / "triples" / "facts.tsv", "a") as f:
         f.write("Rome\tcapital of\tItaly\ten\n")
     assert repro_ran(project) == set(STAGES)

@@ -33,7 +33,7 @@ from fm.data.loader import TokenLoader
 from fm.data.packing import PackedLoader
 from fm.data.tokenizer import SPECIAL_IDS
 from fm.models.adapters import PrefixTuning, PromptTuning, apply_lora
-from fm.models.decoder import Decoder, ModelConfig
+from fm.models.decoder import Decoder, KVCache, ModelConfig
 from fm.models.pretrained import load_pretrained, load_tuned
 from fm.paths import Paths
 from fm.recipes.distill import (Distillation, MixedLoader, init_from_teacher, layer_map, student_config,
@@ -459,10 +459,13 @@ def test_prefix_and_prompt_export_the_pretrained_weights_unchanged(trained, base
     for n in names:
         assert torch.equal(adapter[n], getattr(module, n).detach())
         assert (adapter[n] != getattr(init, n).detach()).float().mean() > 0.9  # nearly every element trained
-    if method == "prompt":  # Lester et al.'s init: the chat markers' embeddings
-        chat = ChatTemplate(tokenizer)
-        ids = [chat.user_id, chat.assistant_id, chat.end_id, len(SPECIAL_IDS)]
+    ids = sft_recipe.init_tokens(ChatTemplate(tokenizer), 4)  # an instruction in words
+    if method == "prompt":  # Lester et al.'s init: real tokens' embeddings
         assert torch.equal(init.prompt.detach(), pre["tok_emb.weight"][ids])
+    else:  # Li & Liang's init: the frozen model's keys/values of those tokens at positions 0..P-1
+        cache = KVCache(init_model.cfg, 1, 4)
+        init_model.eval()(ids[None], kv_cache=cache)
+        assert torch.equal(init.prefix_k.detach(), cache.k[:, 0]) and torch.equal(init.prefix_v.detach(), cache.v[:, 0])
     expected = 2 * 2 * 2 * 4 * 16 if method == "prefix" else 4 * 32  # (k, v) x L x Hkv x P x D ; P x C
     assert summaries[method]["trainable_params"] == expected
     assert summaries[method]["total_params"] == expected + sum(t.numel() for t in pre.values())

@@ -20,7 +20,7 @@ from fm.cli import app
 from fm.codedeps import module_files
 from fm.config import Params, load_params
 from fm.dvcstate import RunContext, dvc_yaml_dict, render_dvc_yaml
-from fm.stages import STAGES, check_table, downstream, select_stages
+from fm.stages import STAGES, ancestors, check_table, downstream, select_stages
 
 REPO = Path(__file__).resolve().parent.parent
 runner = CliRunner()
@@ -122,6 +122,8 @@ def test_select_stages_follows_the_dag():
     assert downstream("curate") == ["curate", "tokenize", "shard", "pretrain", "instructions", "sft", "distill"]
     assert downstream("pretrain") == ["pretrain", "sft", "distill"]
     assert downstream("instructions") == ["instructions", "sft", "distill"]  # a new instruction set retunes, never pretrains
+    assert ancestors("sft") == ["ingest", "validate", "curate", "tokenize", "shard", "pretrain", "instructions"]
+    assert ancestors("ingest") == []
     assert select_stages(["shard", "ingest"]) == ["ingest", "shard"]
     with pytest.raises(ValueError, match="unknown stage 'pretrian'"):
         select_stages(["pretrian"])
@@ -137,6 +139,9 @@ def test_overridden_sections_decide_what_is_tracked(tmp_path):
     assert ctx.tracked("curate") == (True, "")
     tracked, why = ctx.tracked("pretrain")
     assert not tracked and "pretrain" in why
+    tracked, why = ctx.tracked("sft")  # its own section is params.yaml's, but it reads an overridden pretrain's model
+    assert not tracked and "reads the outputs of pretrain" in why
+    assert ctx.tracked("instructions") == (True, "")  # a sibling branch of the DAG
     # an override equal to params.yaml changes nothing
     same = RunContext(ctx.raw, ctx.workdir, ctx.params_file, ("pretrain.max_steps=200",))
     assert same.tracked("pretrain") == (True, "")

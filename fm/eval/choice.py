@@ -58,7 +58,8 @@ def model_max_len(model: nn.Module) -> int:
 
 
 def continuation_logprobs(model: nn.Module, pairs: list[tuple[list[int], list[int]]], max_len: int,
-                          batch_size: int = 32, pad_id: int = 1, device="cpu") -> list[tuple[float, bool]]:
+                          batch_size: int = 32, pad_id: int = 1, device="cpu",
+                          domains: list[int] | None = None) -> list[tuple[float, bool]]:
     """Per pair: (sum of log p(continuation token | all before it), whether every continuation token is the argmax).
 
     pairs: (context ids, continuation ids), both non-empty. context + continuation is kept within
@@ -67,9 +68,12 @@ def continuation_logprobs(model: nn.Module, pairs: list[tuple[list[int], list[in
     token before it). The last token is never fed, so the model sees at most max_len - 1 positions.
     Results come back in the order of pairs. The model must already be on device. pad_id is fm's
     <|pad|>; as right padding it is never attended to by a scored position, so any id would do.
+    domains: one domain id per pair, for a domain-routed MoE (fm.models.moe); else None.
     """
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if domains is not None and len(domains) != len(pairs):
+        raise ValueError(f"{len(domains)} domains for {len(pairs)} pairs")
     if not _decoder(model).cfg.causal:
         raise ValueError("log-likelihood scoring needs a causal model (a bidirectional one sees the continuation)")
     seqs = []  # (ids of context + continuation within max_len, continuation length)
@@ -101,7 +105,8 @@ def continuation_logprobs(model: nn.Module, pairs: list[tuple[list[int], list[in
                     targets[r, :n] = torch.tensor(ids[1:])
                     scored[r, n - n_cont:n] = True
                 inputs, targets, scored = inputs.to(device), targets.to(device), scored.to(device)
-                logits = model(inputs)[0]  # (B, T, V)
+                routing = {} if domains is None else {"domains": torch.tensor([domains[i] for i in rows], device=device)}
+                logits = model(inputs, **routing)[0]  # (B, T, V)
                 # Only the continuation's positions: a few per row, where an fp32 copy of all (B, T, V)
                 # logits would be the largest tensor of the run. fp32, since bf16 keeps ~3 significant digits.
                 logp = F.log_softmax(logits[scored].float(), dim=-1)  # (M, V), M = scored positions of the batch
@@ -124,7 +129,8 @@ def multiple_choice(model: nn.Module, chat: ChatTemplate, items: list[dict], max
     """Score every option of every item as a continuation of its prompt; the likeliest option is the prediction.
 
     items: dicts with prompt (str), options (list of non-empty str) and answer_index (int), e.g. the
-    multiple-choice rows of fm.data.instructions. Ties go to the lowest index. Returns
+    multiple-choice rows of fm.data.instructions, and optionally domain (int: a domain-routed MoE's domain id,
+    given for every item or none). Ties go to the lowest index. Returns
         n              the number of items
         accuracy       share of items whose highest-log-likelihood option is the answer
         accuracy_norm  the same with log-likelihood / UTF-8 bytes of the option
@@ -146,7 +152,10 @@ def multiple_choice(model: nn.Module, chat: ChatTemplate, items: list[dict], max
         context = chat.encode_prompt(item["prompt"])
         pairs.extend((context, chat.encode_response(o)) for o in options)
         n_bytes.append([len(o.encode("utf-8")) for o in options])
-    scores = iter(continuation_logprobs(model, pairs, max_len, batch_size, device=device))
+    domains = None
+    if any("domain" in item for item in items):
+        domains = [int(item["domain"]) for item, sizes in zip(items, n_bytes) for _ in sizes]
+    scores = iter(continuation_logprobs(model, pairs, max_len, batch_size, device=device, domains=domains))
 
     def argmax(values: list[float]) -> int:
         return max(range(len(values)), key=values.__getitem__)  # max() keeps the first of equals: the lowest index

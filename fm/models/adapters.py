@@ -138,7 +138,11 @@ class _PrefixCache:
 class PrefixTuning(nn.Module):
     """A frozen Decoder behind n_prefix learned key/value slots per layer (keys post-RoPE, as a cache holds them)."""
 
-    def __init__(self, model: Decoder, n_prefix: int, init_std: float | None = None):
+    def __init__(self, model: Decoder, n_prefix: int, init_std: float | None = None,
+                 init_ids: torch.Tensor | None = None):
+        """init_ids (n_prefix,): start from the keys and values the frozen model computes for these tokens at
+        positions 0..n_prefix-1 (Li & Liang's initialisation from real words' activations, which trains far
+        faster than random slots); else normal(0, init_std or the model's init_std)."""
         super().__init__()
         cfg = model.cfg
         if not cfg.causal or cfg.attention != "dense":
@@ -150,8 +154,20 @@ class PrefixTuning(nn.Module):
         std = cfg.init_std if init_std is None else init_std
         shape = (cfg.n_layer, cfg.n_kv_head, n_prefix, cfg.head_dim)  # (L, Hkv, P, D)
         w = model.tok_emb.weight
-        self.prefix_k = nn.Parameter(torch.randn(shape, device=w.device, dtype=w.dtype) * std)
-        self.prefix_v = nn.Parameter(torch.randn(shape, device=w.device, dtype=w.dtype) * std)
+        if init_ids is None:
+            k = torch.randn(shape, device=w.device, dtype=w.dtype) * std
+            v = torch.randn(shape, device=w.device, dtype=w.dtype) * std
+        else:
+            if init_ids.shape != (n_prefix,):
+                raise ValueError(f"init_ids must have shape ({n_prefix},), got {tuple(init_ids.shape)}")
+            cache = KVCache(cfg, 1, n_prefix, device=w.device, dtype=w.dtype)
+            was_training = model.training
+            with torch.no_grad():
+                model.eval()(init_ids.to(w.device)[None], kv_cache=cache)  # fills cache.k, cache.v (L, 1, Hkv, P, D)
+            model.train(was_training)
+            k, v = cache.k[:, 0].clone(), cache.v[:, 0].clone()  # (L, Hkv, P, D) each
+        self.prefix_k = nn.Parameter(k)
+        self.prefix_v = nn.Parameter(v)
 
     def forward(self, idx, targets=None, domains=None, *, doc_ids=None):
         """As Decoder.forward on idx (B, T); the real tokens sit at positions n_prefix..n_prefix+T-1.

@@ -53,10 +53,10 @@ from fm.io import atomic_dir, sha256_file, write_json
 from fm.models.decoder import Decoder, ModelConfig
 from fm.models.pretrained import load_pretrained
 from fm.paths import Paths
-from fm.recipes.sft import _resolve_dtype, _wrap, evaluate_qa, load_examples, sample_items
+from fm.recipes.sft import _resolve_dtype, _wrap, evaluate_qa, heldout_loss, load_examples, sample_items
 from fm.train.checkpoint import export_model, seed_rng
 from fm.train.distill import distill_loss
-from fm.train.launch import die_with_parent, run_torchrun
+from fm.train.launch import die_with_parent, launch_recipe
 from fm.train.loop import progress_bar, train
 from fm.train.optim import build_optimizer
 from fm.train.parallel import Dist, destroy_distributed, init_distributed, unwrap
@@ -296,16 +296,8 @@ def distill(cfg: DistillConfig, sft: SftConfig, paths: Paths, fresh: bool = Fals
     if cfg.nproc == 1:
         summary = run(cfg, sft, paths, fresh)
     else:
-        launch = paths.checkpoints / "distill-launch.json"
-        launch.parent.mkdir(parents=True, exist_ok=True)
-        launch.write_text(json.dumps({"distill": dataclasses.asdict(cfg), "sft": dataclasses.asdict(sft)}))
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(cfg.nproc),
-               "-m", "fm.recipes.distill", "--config", str(launch), "--raw", str(paths.raw), "--workdir", str(paths.workdir),
-               *(["--fresh"] if fresh else [])]
-        env = dict(os.environ, OMP_NUM_THREADS=str(cfg.threads or max(1, (os.cpu_count() or 1) // cfg.nproc)))
-        returncode = run_torchrun(cmd, env)
-        if returncode != 0:
-            raise RuntimeError(f"torchrun exited with code {returncode}: {' '.join(cmd)}")
+        launch_recipe("fm.recipes.distill", {"distill": dataclasses.asdict(cfg), "sft": dataclasses.asdict(sft)},
+                      paths.checkpoints / "distill-launch.json", paths.raw, paths.workdir, cfg.nproc, cfg.threads, fresh)
         summary = json.loads((paths.models / "student" / "summary.json").read_text())
 
     out = paths.models / "student"
@@ -313,8 +305,13 @@ def distill(cfg: DistillConfig, sft: SftConfig, paths: Paths, fresh: bool = Fals
     student, _ = load_pretrained(out)
     chat = ChatTemplate(tokenizer)
     items = sample_items(pq.read_table(paths.instructions / "heldout.parquet").to_pylist(), cfg.mc_items, cfg.seed)
+    codes = load_manifest(paths.tokens / "shards")["codes"]["modality"]
+    held, _ = load_examples(paths.instructions / "heldout.parquet", chat, codes)
+    seq_len = cfg.seq_len or teacher.cfg.seq_len
+    summary["heldout_loss"] = {name: heldout_loss(m, held, seq_len, cfg.batch_size, cfg.eval_batches, cfg.seed)
+                               for name, m in (("teacher", teacher), ("student", student))}
     if items:
-        summary["qa"] = {"teacher": evaluate_qa(teacher, chat, items), "student": evaluate_qa(student, chat, items)}
+        summary["qa"] = {"teacher": evaluate_qa(teacher, chat, items, codes), "student": evaluate_qa(student, chat, items, codes)}
         summary["qa_accuracy"] = {k: v["accuracy"] for k, v in summary["qa"].items()}
         summary["qa_chance"] = summary["qa"]["teacher"]["chance"]
     # Interleaved, so that load from other processes hits both alike; one thread, as a deployed batch-1 server runs.

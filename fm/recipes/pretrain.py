@@ -59,7 +59,7 @@ from fm.io import atomic_dir
 from fm.models.decoder import PRESETS, Decoder, ModelConfig
 from fm.paths import Paths
 from fm.train.checkpoint import export_model, seed_rng
-from fm.train.launch import die_with_parent, run_torchrun
+from fm.train.launch import die_with_parent, launch_recipe
 from fm.train.loop import measure_matmul_peak, progress_bar, train
 from fm.train.optim import build_optimizer, effective_warmup
 from fm.train.parallel import Dist, all_gather_object, check_layout, destroy_distributed, init_distributed, parallelize
@@ -303,16 +303,8 @@ def pretrain(cfg: PretrainConfig, paths: Paths, fresh: bool = False) -> dict:
     if cfg.nproc == 1:
         return run(cfg, paths, fresh=fresh)
     prepare(cfg, paths, verify=True)  # config, data and layout errors as one line here, not a traceback per process
-    launch = paths.checkpoints / "pretrain" / "launch.json"
-    launch.parent.mkdir(parents=True, exist_ok=True)
-    launch.write_text(json.dumps(dataclasses.asdict(cfg)))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(cfg.nproc),
-           "-m", "fm.recipes.pretrain", "--config", str(launch), "--raw", str(paths.raw), "--workdir", str(paths.workdir),
-           "--quiet", "--verified", *(["--fresh"] if fresh else [])]
-    env = dict(os.environ, OMP_NUM_THREADS=str(cfg.threads or max(1, (os.cpu_count() or 1) // cfg.nproc)))
-    returncode = run_torchrun(cmd, env)
-    if returncode != 0:
-        raise RuntimeError(f"torchrun exited with code {returncode}: {' '.join(cmd)}")
+    launch_recipe("fm.recipes.pretrain", dataclasses.asdict(cfg), paths.checkpoints / "pretrain" / "launch.json",
+                  paths.raw, paths.workdir, cfg.nproc, cfg.threads, fresh, extra=("--quiet", "--verified"))
     summary = json.loads((paths.models / "pretrain" / "summary.json").read_text())
     summary["outputs"] = [str(paths.models / "pretrain")]
     return summary

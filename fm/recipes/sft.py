@@ -56,7 +56,7 @@ from fm.models.decoder import Decoder
 from fm.models.pretrained import load_pretrained, load_tuned
 from fm.paths import Paths
 from fm.train.checkpoint import export_model, seed_rng
-from fm.train.launch import die_with_parent, run_torchrun
+from fm.train.launch import die_with_parent, launch_recipe
 from fm.train.loop import progress_bar, train
 from fm.train.optim import build_optimizer
 from fm.train.parallel import Dist, destroy_distributed, init_distributed, parallelize, unwrap
@@ -77,10 +77,13 @@ def load_examples(path: Path, chat: ChatTemplate, domain_codes: list[str]) -> tu
         raise FileNotFoundError(f"{path} not found: run `fm instructions` first")
     rows = pq.read_table(path).to_pylist()
     encoded = chat.encode_batch([r["prompt"] for r in rows], [r["response"] for r in rows])
-    def domain(task: str) -> int:
-        modality = TASK_MODALITY.get(task, "text")
-        return domain_codes.index(modality) if modality in domain_codes else 0
-    return [(ids, labels, domain(r["task"])) for (ids, labels), r in zip(encoded, rows)], rows
+    return [(ids, labels, task_domain(r["task"], domain_codes)) for (ids, labels), r in zip(encoded, rows)], rows
+
+
+def task_domain(task: str, domain_codes: list[str]) -> int:
+    """The domain id of a task's records: the index of its modality in the shard manifest's codes (0 if absent)."""
+    modality = TASK_MODALITY.get(task, "text")
+    return domain_codes.index(modality) if modality in domain_codes else 0
 
 
 def adapt(model: Decoder, method: str, settings: dict, chat: ChatTemplate) -> nn.Module:
@@ -90,13 +93,21 @@ def adapt(model: Decoder, method: str, settings: dict, chat: ChatTemplate) -> nn
     if method == "lora":
         return apply_lora(model, tuple(settings["targets"]), settings["rank"], settings["alpha"], settings["dropout"])
     if method == "prefix":
-        return PrefixTuning(model, settings["n_prefix"])
+        # Li & Liang: start from the keys/values of real words (random slots barely move in a short run)
+        return PrefixTuning(model, settings["n_prefix"], init_ids=init_tokens(chat, settings["n_prefix"]))
     if method == "prompt":
-        # Lester et al.'s best start: embeddings of real tokens (the chat markers, then common vocabulary).
-        n = settings["n_virtual"]
-        init = [chat.user_id, chat.assistant_id, chat.end_id] + list(range(len(SPECIAL_IDS), len(SPECIAL_IDS) + n))
-        return PromptTuning(model, n, init_ids=torch.tensor(init[:n]))
+        # Lester et al.: start from the embeddings of real tokens rather than random vectors
+        return PromptTuning(model, settings["n_virtual"], init_ids=init_tokens(chat, settings["n_virtual"]))
     raise ValueError(f"unknown sft method {method!r}")
+
+
+INIT_TEXT = "Answer the question that follows with a short and correct answer. "
+
+
+def init_tokens(chat: ChatTemplate, n: int) -> torch.Tensor:
+    """n token ids to start a prefix or soft prompt from: an instruction in words, repeated as needed, (n,)."""
+    ids = chat.tokenizer.encode(INIT_TEXT, add_special_tokens=False).ids
+    return torch.tensor((ids * (n // len(ids) + 1))[:n])
 
 
 def trainable_params(module: nn.Module) -> int:
@@ -256,10 +267,25 @@ def sample_items(rows: list[dict], n: int, seed: int) -> list[dict]:
     return items[:n] if n else items
 
 
-def evaluate_qa(model: nn.Module, chat: ChatTemplate, items: list[dict]) -> dict:
-    """Held-out multiple-choice accuracy, overall and per task, with chance beside it."""
+def heldout_loss(model: nn.Module, examples: list[tuple], row_len: int, batch_size: int, batches: int, seed: int) -> float | None:
+    """Mean response-token cross-entropy over `batches` packed batches of held-out examples: the same rows for
+    every model given the same arguments (None when the held-out set is too small for one batch)."""
+    from fm.train.loop import evaluate
+
+    try:
+        loader = PackedLoader(examples, row_len, batch_size, seed, pad_id=SPECIAL_IDS["<|pad|>"])
+    except ValueError:
+        return None
+    return round(evaluate(model, loader, batches, torch.device("cpu"), "fp32"), 4)
+
+
+def evaluate_qa(model: nn.Module, chat: ChatTemplate, items: list[dict], domain_codes: list[str] | None = None) -> dict:
+    """Held-out multiple-choice accuracy, overall and per task, with chance beside it. domain_codes (the shard
+    manifest's modality codes) route a domain-routed MoE by each task's modality."""
     from fm.eval.choice import model_max_len, multiple_choice
 
+    if domain_codes:
+        items = [{**item, "domain": task_domain(item["task"], domain_codes)} for item in items]
     res = multiple_choice(model, chat, items, model_max_len(model))
     by_task: dict[str, list[bool]] = {}
     for item, pred in zip(items, res["predictions"]):
@@ -281,32 +307,32 @@ def sft(cfg: SftConfig, paths: Paths, fresh: bool = False) -> dict:
     if cfg.nproc == 1:
         summaries = run(cfg, paths, fresh)
     else:
-        launch = paths.checkpoints / "sft-launch.json"
-        launch.parent.mkdir(parents=True, exist_ok=True)
-        launch.write_text(json.dumps(dataclasses.asdict(cfg)))
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(cfg.nproc),
-               "-m", "fm.recipes.sft", "--config", str(launch), "--raw", str(paths.raw), "--workdir", str(paths.workdir),
-               *(["--fresh"] if fresh else [])]
-        env = dict(os.environ, OMP_NUM_THREADS=str(cfg.threads or max(1, (os.cpu_count() or 1) // cfg.nproc)))
-        returncode = run_torchrun(cmd, env)
-        if returncode != 0:
-            raise RuntimeError(f"torchrun exited with code {returncode}: {' '.join(cmd)}")
+        launch_recipe("fm.recipes.sft", dataclasses.asdict(cfg), paths.checkpoints / "sft-launch.json", paths.raw,
+                      paths.workdir, cfg.nproc, cfg.threads, fresh)
         summaries = [json.loads((paths.models / "sft" / "models" / m / "summary.json").read_text()) for m in cfg.methods]
 
-    # Held-out QA: the same items for the pretrained model and every method.
+    # Held-out QA and response loss: the same items and rows for the pretrained model and every method.
     heldout = pq.read_table(paths.instructions / "heldout.parquet").to_pylist()
     items = sample_items(heldout, cfg.mc_items, cfg.seed)
     base, tokenizer = load_pretrained(paths.models / "pretrain")
     chat = ChatTemplate(tokenizer)
-    qa = {"pretrained": evaluate_qa(base, chat, items)} if items else {}
+    codes = json.loads((paths.tokens / "shards" / "manifest.json").read_text())["codes"]["modality"] \
+        if (paths.tokens / "shards" / "manifest.json").is_file() else []
+    held_examples, _ = load_examples(paths.instructions / "heldout.parquet", chat, codes)
+    shared = max([getattr(cfg, m).get("n_prefix", 0) + getattr(cfg, m).get("n_virtual", 0) for m in cfg.methods])
+    row_len = (cfg.seq_len or base.cfg.seq_len) - shared  # rows every model takes
+    loss_of = lambda model: heldout_loss(model, held_examples, row_len, cfg.batch_size, cfg.eval_batches, cfg.seed)  # noqa: E731
+    qa = {"pretrained": evaluate_qa(base, chat, items, codes)} if items else {}
+    losses = {"pretrained": loss_of(base)}
     methods = {}
     for s in summaries:
         m = s["method"]
         entry = {k: s[k] for k in ("trainable_params", "total_params", "trainable_share", "final_loss", "val_loss",
                                    "tokens_per_s") if k in s}
+        model, _ = load_tuned(paths.models / "sft" / "models" / m)
+        losses[m] = entry["heldout_loss"] = loss_of(model)
         if items:
-            model, _ = load_tuned(paths.models / "sft" / "models" / m)
-            qa[m] = evaluate_qa(model, chat, items)
+            qa[m] = evaluate_qa(model, chat, items, codes)
             entry["qa_accuracy"] = qa[m]["accuracy"]
         methods[m] = entry
     rows = ["step,loss,val_loss,lr,method"]
@@ -318,7 +344,7 @@ def sft(cfg: SftConfig, paths: Paths, fresh: bool = False) -> dict:
     out = paths.models / "sft"
     (out / "loss.csv").write_text("\n".join(rows) + "\n")
     summary = {"stage": "sft", "teacher": cfg.teacher, "steps": cfg.max_steps, "methods": methods,
-               "qa_items": len(items), "qa_chance": qa.get("pretrained", {}).get("chance"),
+               "heldout_loss": losses, "qa_items": len(items), "qa_chance": qa.get("pretrained", {}).get("chance"),
                "qa_accuracy": {k: v["accuracy"] for k, v in qa.items()}, "qa": qa,
                "seconds": round(time.perf_counter() - start, 2)}
     write_json(summary, out / "summary.json")
@@ -327,13 +353,6 @@ def sft(cfg: SftConfig, paths: Paths, fresh: bool = False) -> dict:
     shown["trainable_params"] = {m: e["trainable_params"] for m, e in methods.items()}
     shown["outputs"] = [str(out / "models"), str(out / "summary.json")]
     return shown
-
-
-def describe(summary: dict) -> str:
-    acc = summary.get("qa_accuracy", {})
-    parts = [f"{k} {v:.1%}" for k, v in acc.items()]
-    chance = f" (chance {summary['qa_chance']:.0%})" if summary.get("qa_chance") else ""
-    return f"sft: held-out QA accuracy {', '.join(parts)}{chance} -> {summary['outputs'][0]}"
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -25,6 +25,7 @@ Outside Linux only the forwarding and the finally apply.
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import signal
 import subprocess
@@ -149,3 +150,19 @@ def run_torchrun(cmd: list[str], env: dict[str, str], grace_s: float = 30.0) -> 
             signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
         if caught:
             signal.raise_signal(caught[0])
+
+
+def launch_recipe(module: str, config: dict, config_path: Path, raw: Path, workdir: Path, nproc: int, threads: int = 0,
+                  fresh: bool = False, extra: tuple[str, ...] = ()) -> None:
+    """Run recipe `module` (fm.recipes.X) under `torchrun --standalone --nproc_per_node nproc`, handing it the
+    resolved settings `config` as JSON in config_path (its --config), and wait; RuntimeError if it fails. The
+    workers never outlive this process (run_torchrun); each gets threads (default: the cores / nproc)."""
+    config_path.parent.mkdir(parents=True, exist_ok=True)
+    config_path.write_text(json.dumps(config))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+           "-m", module, "--config", str(config_path), "--raw", str(raw), "--workdir", str(workdir),
+           *extra, *(["--fresh"] if fresh else [])]
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads or max(1, (os.cpu_count() or 1) // nproc)))
+    returncode = run_torchrun(cmd, env)
+    if returncode != 0:
+        raise RuntimeError(f"torchrun exited with code {returncode}: {' '.join(cmd)}")
