@@ -24,9 +24,8 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from fm.config import describe_section, load_params
+from fm.config import describe_section
 from fm.dvcstate import DVC_PARAMS, DVC_RAW, DVC_WORKDIR, RunContext, find_root
-from fm.paths import Paths
 from fm.summary import print_summary
 
 app = typer.Typer(
@@ -145,9 +144,10 @@ def list_stages() -> None:
     """List the pipeline stages in order, with their upstream stages and params sections."""
     from fm.stages import STAGES
 
-    for stage in STAGES.values():
-        ups = ",".join(stage.upstream) or "-"
-        typer.echo(f"{stage.name:10s} after {ups:10s} params {','.join(stage.sections):10s} {stage.help}")
+    rows = [(s.name, ",".join(s.upstream) or "-", ",".join(s.sections), s.help) for s in STAGES.values()]
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    for name, ups, sections, text in rows:
+        typer.echo(f"{name:{widths[0]}s}  after {ups:{widths[1]}s}  params {sections:{widths[2]}s}  {text}")
 
 
 @app.command("run")
@@ -271,6 +271,55 @@ def plan(
         print_plan(make_plan(cfg, model_config(cfg, vocab)), Console())
     except _user_errors() as e:
         raise fail("plan", e)
+
+
+@app.command("generate")
+def generate(
+    prompt: Annotated[Optional[str], typer.Argument(help="An instruction for the tuned model (written with the chat template).")] = None,
+    image: Annotated[Optional[Path], typer.Option("--image", help="Caption this PNG or JPEG with the caption model instead.")] = None,
+    model: Annotated[Optional[Path], typer.Option("--model", help="Model folder. [default: <workdir>/06_models/caption with --image, "
+                                                                   "else <workdir>/06_models/sft/models/<sft.teacher>]", show_default=False)] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="The most tokens to write.")] = 64,
+    lang: Annotated[str, typer.Option(help="The caption's language (--image): en or zh.")] = "en",
+    workdir: WorkdirOpt = None,
+    params: ParamsOpt = None,
+) -> None:
+    """Write a response to an instruction (greedy, with the tuned model), or a caption for an image (--image)."""
+    import torch
+
+    ctx = run_context(None, workdir, params, None)
+    try:
+        if (prompt is None) == (image is None):
+            raise ValueError("give an instruction or --image PATH (one of them)")
+        if image is not None:
+            from fm.config import IngestConfig
+            from fm.data.images import _decode
+            from fm.data.ingest import Rejected, load_image
+            from fm.recipes.caption import load_captioner, write_caption
+
+            captioner, tokenizer = load_captioner(model or ctx.paths.models / "caption")
+            size = captioner.prefix.visual.cfg.image_size
+            try:
+                _, png, _ = load_image(image, IngestConfig(image_size=size))
+            except Rejected as e:
+                raise ValueError(f"{image}: {e}") from None
+            print(write_caption(captioner, tokenizer, torch.from_numpy(_decode(png, size, str(image))), lang, max_new_tokens))
+            return
+        from fm.data.chat import ChatTemplate
+        from fm.models.decoder import Decoder
+        from fm.models.pretrained import load_tuned
+
+        folder = model or ctx.paths.models / "sft" / "models" / ctx.params().sft.teacher
+        lm, tokenizer = load_tuned(folder)
+        if not isinstance(lm, Decoder):
+            raise ValueError(f"{folder} is a prefix- or prompt-tuned model: generate with a full or LoRA model")
+        chat = ChatTemplate(tokenizer)
+        ids = torch.tensor([chat.encode_prompt(prompt)[-(lm.cfg.seq_len - max_new_tokens):]])  # (1, T)
+        out = lm.eval().generate(ids, min(max_new_tokens, lm.cfg.seq_len - ids.shape[1]), temperature=0, eos_id=chat.end_id)
+        new = [t for t in out[0, ids.shape[1]:].tolist() if t != chat.end_id]
+        print(tokenizer.decode(new))
+    except _user_errors() as e:
+        raise fail("generate", e)
 
 
 _register_stage_commands()

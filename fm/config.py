@@ -177,6 +177,89 @@ class PretrainConfig:
 
 
 @dataclass(frozen=True)
+class PretrainClipConfig:
+    # fm.models.clip.ClipConfig fields (vocab_size comes from the tokenizer, image_size from ingest.image_size)
+    model: dict = field(default_factory=lambda: {"patch_size": 8, "vision_layers": 4, "vision_width": 128, "vision_heads": 4,
+                                                 "text_layers": 4, "text_width": 128, "text_heads": 4,
+                                                 "context_length": 32, "embed_dim": 128})
+    heldout_fraction: float = 0.25  # share of images (never captions) held out for retrieval and zero-shot
+    augment: int = 8  # random-crop padding in pixels (0: none)
+    batch_size: int = 64  # images per process per micro-batch; the contrastive loss sees the global batch
+    grad_accum: int = 1
+    max_steps: int = 300
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 20
+    weight_decay: float = 0.5  # strong: 900 training images overfit quickly
+    beta1: float = 0.9
+    beta2: float = 0.98
+    grad_clip: float = 1.0
+    dtype: str = "auto"
+    eval_every: int = 100
+    eval_batches: int = 2
+    ckpt_every: int = 100
+    keep_checkpoints: int = 1
+    log_every: int = 25
+    seed: int = 0
+    nproc: int = 1
+    parallel: str = "ddp"
+    threads: int = 0
+
+    def __post_init__(self):
+        if not 0.0 < self.heldout_fraction < 1.0:
+            raise ValueError(f"pretrain_clip.heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
+        if self.augment < 0:
+            raise ValueError(f"pretrain_clip.augment must be >= 0, got {self.augment}")
+        if self.grad_accum != 1:
+            raise ValueError("pretrain_clip.grad_accum must be 1: a contrastive loss over micro-batches is not the loss "
+                             "over their union (raise batch_size or nproc instead)")
+        _positive(self, "batch_size", "max_steps", "lr", "eval_every", "eval_batches", "ckpt_every", "keep_checkpoints", "nproc")
+        if self.parallel != "ddp":
+            raise ValueError(f"pretrain_clip.parallel must be ddp (the encoders are small), got {self.parallel!r}")
+        _training_checks_basic("pretrain_clip", self)
+
+
+def _training_checks_basic(section: str, cfg) -> None:
+    if cfg.dtype not in ("auto", "fp32", "bf16"):
+        raise ValueError(f"{section}.dtype must be auto, fp32 or bf16, got {cfg.dtype!r}")
+    for key in ("warmup_steps", "log_every"):
+        if getattr(cfg, key) < 0:
+            raise ValueError(f"{section}.{key} must be >= 0, got {getattr(cfg, key)}")
+
+
+@dataclass(frozen=True)
+class CaptionConfig:
+    n_prefix: int = 4  # image embeddings in front of the caption (Frozen used 2)
+    max_caption_tokens: int = 32
+    augment: int = 4  # random-crop padding in pixels
+    retrieval_images: int = 100  # held-out images for image -> caption retrieval by likelihood (N x N scores)
+    batch_size: int = 32
+    max_steps: int = 150
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.98
+    grad_clip: float = 1.0
+    eval_every: int = 50
+    eval_batches: int = 2
+    ckpt_every: int = 50
+    keep_checkpoints: int = 1
+    log_every: int = 25
+    seed: int = 0
+    nproc: int = 1
+    threads: int = 0
+
+    def __post_init__(self):
+        _positive(self, "n_prefix", "max_caption_tokens", "batch_size", "max_steps", "lr", "eval_every", "eval_batches",
+                  "ckpt_every", "keep_checkpoints", "nproc")
+        for key in ("augment", "retrieval_images", "warmup_steps", "log_every"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"caption.{key} must be >= 0, got {getattr(self, key)}")
+
+
+@dataclass(frozen=True)
 class InstructionsConfig:
     heldout_fraction: float = 0.1  # share of facts (never templates) held out for evaluation
     n_options: int = 4  # multiple-choice options per item (chance 1 / n_options)
@@ -326,6 +409,8 @@ class Params:
     tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
     shard: ShardConfig = field(default_factory=ShardConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    pretrain_clip: PretrainClipConfig = field(default_factory=PretrainClipConfig)
+    caption: CaptionConfig = field(default_factory=CaptionConfig)
     instructions: InstructionsConfig = field(default_factory=InstructionsConfig)
     sft: SftConfig = field(default_factory=SftConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)

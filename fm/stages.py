@@ -31,6 +31,8 @@ from fm.data.tokenizer import train_tokenizer
 from fm.data.validate import validate
 from fm.paths import Paths
 from fm.recipes.pretrain import pretrain
+from fm.recipes.caption import caption
+from fm.recipes.clip import pretrain_clip
 from fm.recipes.distill import distill
 from fm.recipes.sft import sft
 
@@ -86,6 +88,19 @@ STAGES: dict[str, Stage] = {
               outs=tuple(f"06_models/pretrain/{f}" for f in MODEL_FILES),
               metrics=("06_models/pretrain/summary.json",), plots={"06_models/pretrain/loss.csv": {"x": "step", "y": "loss"}},
               trains=True, tables={"pretrain_loss": "06_models/pretrain/loss.csv"}),
+        Stage("pretrain_clip", pretrain_clip, "Train a CLIP dual encoder on the image-caption pairs; retrieval and zero-shot.",
+              upstream=("shard",), sections=("pretrain_clip",), deps=("05_tokens/shards", "05_tokens/tokenizer.json"),
+              outs=tuple(f"06_models/clip/{f}" for f in MODEL_FILES),
+              metrics=("06_models/clip/summary.json",), plots={"06_models/clip/loss.csv": {"x": "step", "y": "loss"}},
+              trains=True, tables={"clip_loss": "06_models/clip/loss.csv"}),
+        Stage("caption", caption, "Frozen-style captioning: train a vision prefix for the frozen pretrained LM.",
+              upstream=("pretrain", "pretrain_clip"), sections=("caption",),
+              deps=(*(f"06_models/pretrain/{f}" for f in MODEL_FILES), *(f"06_models/clip/{f}" for f in MODEL_FILES),
+                    "05_tokens/shards"),
+              outs=("06_models/caption/model.safetensors", "06_models/caption/prefix.safetensors",
+                    "06_models/caption/config.json", "06_models/caption/tokenizer.json"),
+              metrics=("06_models/caption/summary.json",), plots={"06_models/caption/loss.csv": {"x": "step", "y": "loss"}},
+              trains=True, tables={"caption_loss": "06_models/caption/loss.csv"}),
         Stage("instructions", instructions, "Build the FLAN-style instruction set from the curated records, split by fact.",
               upstream=("curate",), sections=("instructions",), deps=("04_curated",), outs=("05_instructions",)),
         Stage("sft", sft, "Instruction-tune the pretrained model (full, LoRA, prefix, prompt) and score held-out QA.",

@@ -38,6 +38,13 @@ def tiny_params(path: Path) -> None:
                          mc_items=8, threads=1, prefix={"n_prefix": 2}, prompt={"n_virtual": 2})
     params["distill"].update(student={"n_layer": 1, "d_model": 16}, batch_size=1, max_steps=2, warmup_steps=0,
                              eval_every=2, eval_batches=1, ckpt_every=2, mc_items=8, threads=1)
+    params["pretrain_clip"].update(model={"patch_size": 16, "vision_layers": 1, "vision_width": 32, "vision_heads": 2,
+                                          "text_layers": 1, "text_width": 32, "text_heads": 2, "context_length": 16,
+                                          "embed_dim": 16},
+                                   heldout_fraction=0.01, augment=2, batch_size=1, max_steps=2, warmup_steps=0,
+                                   eval_every=2, eval_batches=1, ckpt_every=2, threads=1)
+    params["caption"].update(n_prefix=2, batch_size=1, max_steps=2, warmup_steps=0, eval_every=2, eval_batches=1,
+                             ckpt_every=2, retrieval_images=2, threads=1)
     path.write_text(yaml.safe_dump(params, sort_keys=False, allow_unicode=True))
 
 
@@ -116,12 +123,13 @@ def test_fm_run_then_each_kind_of_edit_reruns_exactly_the_stale_stages(project):
     # no change: every stage is skipped
     assert set(fm_run().values()) == {"skipped"}
 
-    # a helper module that only the shard, pretrain and distill stages import (distill reads pretraining windows);
-    # sft reads pretrain's model, which a rerun exports again byte for byte, so sft stays skipped
+    # a helper module that only the stages reading shards import (distill reads pretraining windows, CLIP and
+    # caption the image shards); sft reads pretrain's model, which a rerun exports again byte for byte: it stays skipped
     with open(project / "fm" / "data" / "shards.py", "a") as f:
         f.write("\n# an edit\n")
-    assert stale(project) == {"shard", "pretrain", "distill"}
-    assert ran(fm_run()) == {"shard", "pretrain", "distill"}
+    reads_shards = {"shard", "pretrain", "pretrain_clip", "caption", "distill"}
+    assert stale(project) == reads_shards
+    assert ran(fm_run()) == reads_shards
     assert stale(project) == set()
 
     # a module every data stage imports (the issue found it missing from dvc.yaml)
@@ -136,17 +144,18 @@ def test_fm_run_then_each_kind_of_edit_reruns_exactly_the_stale_stages(project):
     params["tokenize"]["vocab_size"] = 290
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False, allow_unicode=True))
     assert stale(project) == {"tokenize"}
-    assert ran(fm_run()) == {"tokenize", "shard", "pretrain", "sft", "distill"}
+    assert ran(fm_run()) == {"tokenize", "shard", "pretrain", "pretrain_clip", "caption", "sft", "distill"}
     assert stale(project) == set()
 
     # a --set override: only the stages whose sections it changes rerun, and nothing is recorded for them
     lock_before = (project / "dvc.lock").read_text()
     statuses = fm_run("--set", "pretrain.max_steps=3")
-    assert ran(statuses) == {"pretrain", "sft", "distill"}, statuses  # and what reads the new weights
+    reads_pretrain = {"pretrain", "caption", "sft", "distill"}  # pretrain and what reads its weights
+    assert ran(statuses) == reads_pretrain, statuses
     assert (project / "dvc.lock").read_text() == lock_before
-    assert stale(project) == {"pretrain", "sft", "distill"}  # the weights are not what params.yaml makes
+    assert stale(project) == reads_pretrain  # the weights are not what params.yaml makes
     # ...and the next plain run trains to params.yaml's max_steps again (continuing the 3-step run)
-    assert ran(fm_run()) == {"pretrain", "sft", "distill"}
+    assert ran(fm_run()) == reads_pretrain
     assert stale(project) == set()
 
     # an input file: ingest and whatever its changed output reaches
@@ -169,7 +178,7 @@ def test_dvc_repro_reruns_exactly_the_stale_stages_and_dvc_push_pull_restores_al
     assert repro_ran(project) == set()
     with open(project / "fm" / "data" / "shards.py", "a") as f:
         f.write("\n# an edit\n")
-    assert repro_ran(project) == {"shard", "pretrain", "distill"}
+    assert repro_ran(project) == {"shard", "pretrain", "pretrain_clip", "caption", "distill"}
     with open(project / "data" / "01_raw" / "triples" / "facts.tsv", "a") as f:
         f.write("Rome\tcapital of\tItaly\ten\n")
     assert repro_ran(project) == set(STAGES)

@@ -263,13 +263,15 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
 
 
 def export_model(model: nn.Module, cfg: ModelConfig, out_dir: Path, d: Dist, meta: dict | None = None) -> Path | None:
-    """Gather the full weights and write model.safetensors + config.json (collective; rank 0 writes)."""
+    """Gather the full weights and write model.safetensors + config.json (collective; rank 0 writes).
+    cfg: the model's config (a ModelConfig, or any config with to_dict(), e.g. fm.models.clip.ClipConfig),
+    written as config.json's "model"."""
     # cpu_offload keeps the full state on rank 0 only; a pipeline's other stages must keep theirs to send it.
     options = StateDictOptions(full_state_dict=True, cpu_offload=d.pp_size == 1)
     sd = gather_pipeline_state(get_model_state_dict(unwrap(model), options=options), d)
     if not d.is_main:
         return None
-    if cfg.tie_embeddings:
+    if getattr(cfg, "tie_embeddings", False):  # a Decoder's config; other models (CLIP) store every tensor
         sd.pop("lm_head.weight", None)  # the same tensor as tok_emb.weight; safetensors stores it once
     out_dir.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}

@@ -60,12 +60,12 @@ def evaluate(model: nn.Module, loader, batches: int, device: torch.device, dtype
     model.eval()
     total = torch.zeros((), device=device)
     for _ in range(batches):
-        x, y, domains, packing = _batch(loader, device)
+        args, kwargs = _batch(loader, device)
         with autocast_context(device, dtype):
             if pipeline is not None:  # forward through the stages; the loss lives on the last one
-                total += pipeline.eval_loss(x, y)
+                total += pipeline.eval_loss(*args)
                 continue
-            _, loss, aux = model(x, y, domains=domains, **packing)
+            _, loss, aux = model(*args, **kwargs)
         total += aux.get("ce_loss", loss).float()
     model.train()
     loader.load_state_dict(state)
@@ -83,11 +83,18 @@ def progress_bar():
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=console)
 
 
-def _batch(loader, device: torch.device):
-    """(x, y, domains, model kwargs) of the loader's next batch. A loader of packed examples (fm.data.packing)
-    adds doc_ids (B, T) after the domains: attention and positions then stay within each example."""
-    x, y, domains, *rest = (t.to(device, non_blocking=True) for t in loader.next_batch())
-    return x, y, domains, ({"doc_ids": rest[0]} if rest else {})
+def _batch(loader, device: torch.device) -> tuple[tuple, dict]:
+    """The model's (args, kwargs) for the loader's next batch, on device.
+
+    A language-model loader gives (x, y, domains): model(x, y, domains=domains); a loader of packed
+    examples (fm.data.packing) adds doc_ids (B, T), so that attention and positions stay within each
+    example. Any other model's loader gives a dict of keyword arguments (CLIP: images, ids, lengths).
+    """
+    batch = loader.next_batch()
+    if isinstance(batch, dict):
+        return (), {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    x, y, domains, *rest = (t.to(device, non_blocking=True) for t in batch)
+    return (x, y), {"domains": domains, **({"doc_ids": rest[0]} if rest else {})}
 
 
 def _moe_load(record: dict) -> str:
@@ -143,19 +150,19 @@ def train(
             loss_sum = torch.zeros((), device=d.device)
             aux_last = {}
             for micro in range(cfg.grad_accum):
-                x, y, domains, packing = _batch(loader, d.device)  # (B, T), (B, T), (B,) or (B, T), {doc_ids: (B, T)}
+                args, kwargs = _batch(loader, d.device)  # (x (B, T), y (B, T)), {domains, [doc_ids]}; or {...}
                 if pipeline is not None:
                     # Pipeline parallel: the schedule splits the batch into microbatches and runs this stage's
                     # forward and backward for each, passing activations and gradients to the neighbouring stages.
                     with autocast_context(d.device, cfg.dtype):
-                        loss_sum += pipeline.step(x, y)
+                        loss_sum += pipeline.step(*args)
                     continue
                 last = micro == cfg.grad_accum - 1
                 # DDP all-reduces gradients on every backward unless told not to: only the last micro-batch syncs.
                 sync = nullcontext() if (last or not is_ddp) else model.no_sync()
                 with sync:
                     with autocast_context(d.device, cfg.dtype):
-                        _, loss, aux_last = model(x, y, domains=domains, **packing)
+                        _, loss, aux_last = model(*args, **kwargs)
                     (loss / cfg.grad_accum).backward()
                 loss_sum += aux_last.get("ce_loss", loss).detach().float()
 
