@@ -14,7 +14,8 @@ Metrics, on held-out images (the same image split as pretrain_clip):
     perplexity        of the held-out captions with the image prefix, against the same frozen LM with no
                       prefix (the image must lower it);
     retrieval         image -> caption by caption likelihood: for each of up to `retrieval_images` held-out
-                      images, its English caption ranked among theirs by log p(caption | image), Recall@1/5.
+                      images, its English caption ranked among theirs by log p(caption | image), Recall@1/5,
+                      and by log p(caption | image) - log p(caption) (`_pmi`: what the image adds).
 Writes:
     06_models/checkpoints/caption/step-XXXXXXXX/   training state (the image side only)
     06_models/caption/   model.safetensors (the frozen LM, unchanged), prefix.safetensors (the image side),
@@ -174,12 +175,16 @@ def evaluate_captioner(model: Captioner, heldout: ImageSet, retrieval_images: in
         caps = [heldout.ids[per_image[i]] for i in chosen]
         rows_images = heldout.images[torch.tensor(chosen)].repeat_interleave(N, dim=0)  # (N * N, ...): image i, caption j
         scores, _ = caption_loglik(model, rows_images, caps * N)
-        scores = scores.view(N, N)  # (image, caption)
-        true = scores.diagonal()[:, None]  # (N, 1)
-        rank = (scores > true).sum(dim=1)  # captions scored strictly above the image's own
+        scores = scores.view(N, N)  # (image, caption): log p(caption | image)
+        prior, _ = caption_loglik(model, None, caps)  # (N,): log p(caption) under the LM alone
         out["retrieval_images"] = N
-        for k in (1, 5):
-            out[f"image_to_caption_R@{k}"] = round((rank < k).float().mean().item(), 4)
+        # Raw likelihood favours captions that are likely anyway (short, common); subtracting each caption's own
+        # log-likelihood without the image ranks by what the image adds (pointwise mutual information).
+        for name, table in (("", scores), ("_pmi", scores - prior[None, :])):
+            true = table.diagonal()[:, None]  # (N, 1)
+            rank = (table > true).sum(dim=1)  # captions scored strictly above the image's own (a copy of it ties)
+            for k in (1, 5):
+                out[f"image_to_caption{name}_R@{k}"] = round((rank < k).float().mean().item(), 4)
         out["retrieval_chance_R@1"] = round(1 / N, 4)
     return out
 
