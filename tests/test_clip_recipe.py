@@ -279,13 +279,6 @@ def test_fashion_mnist_images_carry_their_class_names_in_both_languages(data):
     assert "ankle boot" in names["en"] and "短靴" in names["zh"] and "trousers" in names["en"]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "fm/data/images.py, load_image_captions (the split at `_is_heldout(key, ...)`): the split is keyed by "
-    "'source:image path', so one picture stored at two paths with other captions is split apart; the bundled "
-    "sample holds such a pair (openclipart light_bulb_karl_bartel_01.png 'light bulb' and "
-    "teschio_fabio_olivo_02.png 'teschio', byte-identical): at the default seed 0 and heldout_fraction 0.25 the "
-    "first is held out and the second trained on, against the module docstring's 'no held-out picture is ever "
-    "trained on'"))
 def test_a_picture_stored_twice_stays_on_one_side_of_the_split(tokenizer, tmp_path):
     manifest = RAW / "image_text" / "openclipart" / "manifest.jsonl"
     lines = manifest.read_bytes().splitlines(keepends=True)
@@ -301,9 +294,10 @@ def test_a_picture_stored_twice_stays_on_one_side_of_the_split(tokenizer, tmp_pa
     entry = {"path": "image_text-00000.arrow", "kind": "images"}
     (shard_dir / "manifest.json").write_text(json.dumps({"shards": [entry]}))
     split = load_image_captions(shard_dir, tokenizer, MODEL["context_length"], HELDOUT, seed=0)
-    pictures = [s.images[i] for s in (split.train, split.heldout) for i in range(len(s))]
-    assert len(pictures) == 2 and torch.equal(pictures[0], pictures[1])  # one picture
-    assert len(split.train) in (0, 2)  # the same pixels on one side only
+    # one picture: one image with both captions, on one side of the split (and never twice in a batch)
+    assert len(split.train) + len(split.heldout) == 1
+    side = split.train if len(split.train) else split.heldout
+    assert len(side.ids) == 2 and side.image_of == [0, 0]
 
 
 # ------------------------------------------------------------------ 2. the loader

@@ -34,8 +34,8 @@ def tiny_params(path: Path) -> None:
     params["pretrain"].update(preset="tiny", model={"n_layer": 1, "d_model": 32, "n_head": 2}, seq_len=64,
                               batch_size=2, max_steps=4, warmup_steps=1, eval_every=2, eval_batches=1,
                               ckpt_every=2, peak_tflops=1.0, threads=1)
-    params["sft"].update(batch_size=1, max_steps=2, warmup_steps=0, eval_every=2, eval_batches=1, ckpt_every=2,
-                         mc_items=8, threads=1, prefix={"n_prefix": 2}, prompt={"n_virtual": 2})
+    params["sft"].update(methods=["lora", "prompt"], batch_size=1, max_steps=2, warmup_steps=0, eval_every=2,
+                         eval_batches=1, ckpt_every=2, mc_items=4, threads=1, prompt={"n_virtual": 2})
     params["distill"].update(student={"n_layer": 1, "d_model": 16}, batch_size=1, max_steps=2, warmup_steps=0,
                              eval_every=2, eval_batches=1, ckpt_every=2, mc_items=8, threads=1)
     params["pretrain_clip"].update(model={"patch_size": 16, "vision_layers": 1, "vision_width": 32, "vision_heads": 2,

@@ -5,15 +5,16 @@
     loader = ImageCaptionLoader(data.train, batch_size=64, seed=0)
     batch = loader.next_batch()     # {"images": (B, 3, S, S) float, "ids": (B, T) long, "lengths": (B,) long}
 
-An *image* is one picture (source + its path in the corpus); it may have several captions (the
-Fashion-MNIST and emoji images have an English and a Chinese one). The held-out split is by image,
+An *image* is one picture (identified by its pixels' PNG bytes, so a picture stored twice under two
+names is one image); it may have several captions (the Fashion-MNIST and emoji images have an
+English and a Chinese one). The held-out split is by image,
 never by caption: an image lands wholly in train or held out by a hash of its key, so no held-out
 picture is ever trained on in any language. Held-out Fashion-MNIST images, with the class name their
 English caption gives ("a photo of a sneaker"), are the zero-shot test set.
 
 Images are the shard's PNGs (already fit into a square by ingest), decoded once to uint8 and
-normalised per batch to [-1, 1]. Training batches take each image once per epoch with one of its
-captions, so a batch never holds the same picture twice (two captions of one image would be false
+normalised per batch to [-1, 1]. Training batches take each image at most once per epoch (the tail
+that does not fill a global batch is skipped) with one of its captions, so a batch never holds the same picture twice (two captions of one image would be false
 negatives for the contrastive loss). Augmentation is a random crop of the image padded by
 `pad` pixels (edge colour) and drawn from a generator seeded by (seed, epoch, image): the same on any
 number of processes and on every resume. Captions are `<|lang:xx|> caption <|endoftext|>`, cut to
@@ -47,7 +48,7 @@ ZERO_SHOT_SOURCE = "fashion-mnist"  # a labelled source: its captions name one o
 @dataclass
 class ImageSet:
     """Images (N, 3, S, S) uint8 with their captions: texts[i] and token ids[i] of image image_of[i]."""
-    keys: list[str] = field(default_factory=list)  # "source:path" per image
+    keys: list[str] = field(default_factory=list)  # "source:path" of each image (its first name, if stored twice)
     sources: list[str] = field(default_factory=list)
     images: torch.Tensor | None = None  # (N, 3, S, S) uint8
     texts: list[str] = field(default_factory=list)  # every caption
@@ -111,17 +112,20 @@ def load_image_captions(shard_dir: Path, tokenizer: Tokenizer, context_length: i
         for row in rows:
             if not row["text"] or row["image"] is None:
                 continue
-            meta = json.loads(row["meta"] or "{}")
-            key = f"{row['source']}:{meta.get('image_path', row['source_file'] + '#' + str(row['position']))}"
-            if key not in index:
-                split = "heldout" if _is_heldout(key, heldout_fraction, seed) else "train"
+            # The picture itself identifies an image: one stored twice under two names (the sample has such a
+            # pair) must not land on both sides of the split, nor twice in one contrastive batch.
+            pixels_id = hashlib.sha256(row["image"]).hexdigest()
+            if pixels_id not in index:
+                split = "heldout" if _is_heldout(pixels_id, heldout_fraction, seed) else "train"
                 s = sets[split]
+                meta = json.loads(row["meta"] or "{}")
+                key = f"{row['source']}:{meta.get('image_path', row['source_file'] + '#' + str(row['position']))}"
                 array = _decode(row["image"], image_size or row_size(row["image"]), f"{shard_dir / name} ({key})")
-                index[key] = (split, len(s.keys))
+                index[pixels_id] = (split, len(s.keys))
                 s.keys.append(key)
                 s.sources.append(row["source"] or "")
                 pixels[split].append(array)
-            split, i = index[key]
+            split, i = index[pixels_id]
             s = sets[split]
             lang = (row["lang"] or "").split("-")[0].lower()
             ids = tokenizer.encode(row["text"], add_special_tokens=False).ids
@@ -172,7 +176,7 @@ def pad_ids(ids: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tens
 
 
 class ImageCaptionLoader:
-    """Batches of (image, one of its captions), every image once per epoch; deterministic and resumable.
+    """Batches of (image, one of its captions), every image at most once per epoch; deterministic and resumable.
 
     Process `rank` of `world_size` takes its batch_size of each global batch (the same global batches on
     any number of processes). State: (epoch, cursor), the same on every rank. augment: the random-crop
