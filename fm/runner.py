@@ -17,7 +17,9 @@ import os
 import re
 import shutil
 import sys
+import threading
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 from fm import registry
@@ -32,6 +34,7 @@ from fm.stages import STAGES, resolve, run_stage
 # a busy work dir): shown as one line naming the file and the problem; anything else is a bug
 # and keeps its traceback. `fm --debug` shows the traceback of these too.
 USER_ERRORS = (CorpusError, ValidationGateError, ValueError, OSError, WorkdirBusy)
+TRAINING_LOCK = threading.Lock()  # one training stage at a time per process (see execute_stage)
 TMP_NAME = re.compile(r"^\.tmp-([0-9a-f]{8}-|step-)")  # fm.io's temporaries and checkpoint folders in progress
 
 
@@ -89,7 +92,11 @@ def execute_stage(name: str, ctx: RunContext, force: bool = False, skip_current:
     paths.workdir.mkdir(parents=True, exist_ok=True)
     marker.write_text(f"{os.getpid()} {time.time()}\n")
     try:
-        summary = run_stage(name, params, paths, fresh=force and STAGES[name].trains)
+        # Training stages run one at a time in a process: the flow runs independent stages in threads, and torch's
+        # random state (dropout, initialisation) and thread pool are global to the process, so two concurrent
+        # training runs would draw from each other's streams and neither would be reproducible.
+        with (TRAINING_LOCK if STAGES[name].trains else nullcontext()):
+            summary = run_stage(name, params, paths, fresh=force and STAGES[name].trains)
     except BaseException as e:
         registry.log_run(paths, name, "failed", started, False, f"{type(e).__name__}: {e}"[:500], list(ctx.overrides), {})
         raise

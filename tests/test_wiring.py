@@ -223,7 +223,8 @@ def _sleepy(name: str, log: list):
 
 
 def test_flow_runs_independent_branches_side_by_side(tmp_path, monkeypatch):
-    """A DAG a -> (b, c): b and c overlap in time; both start after a ends (a real Prefect run)."""
+    """A DAG a -> (b, c, d, e): b and c overlap in time; all start after a ends; d and e, training stages,
+    never overlap (they would share torch's global random state: see fm.runner.execute_stage)."""
     import fm.runner
     import fm.stages
     import flows.pipeline
@@ -233,14 +234,17 @@ def test_flow_runs_independent_branches_side_by_side(tmp_path, monkeypatch):
     log: list = []
     table = {"a": Stage("a", _sleepy("a", log), "first"),
              "b": Stage("b", _sleepy("b", log), "left branch", upstream=("a",)),
-             "c": Stage("c", _sleepy("c", log), "right branch", upstream=("a",))}
+             "c": Stage("c", _sleepy("c", log), "right branch", upstream=("a",)),
+             "d": Stage("d", _sleepy("d", log), "trains", upstream=("a",), trains=True),
+             "e": Stage("e", _sleepy("e", log), "trains too", upstream=("a",), trains=True)}
     monkeypatch.setattr(fm.stages, "STAGES", table)
     monkeypatch.setattr(fm.runner, "STAGES", table)
     monkeypatch.setattr(flows.pipeline, "STAGES", table)
     monkeypatch.setattr(flows.pipeline, "STAGE_TASKS", {n: _make_task(s) for n, s in table.items()})
     summaries = flows.pipeline.pipeline(raw=str(tmp_path / "raw"), workdir=str(tmp_path / "work"),
                                         params_file=str(REPO / "params.yaml"))
-    assert [s["stage"] for s in summaries] == ["a", "b", "c"]
+    assert [s["stage"] for s in summaries] == ["a", "b", "c", "d", "e"]
     spans = {name: (start, end) for name, start, end in log}
-    assert spans["b"][0] >= spans["a"][1] and spans["c"][0] >= spans["a"][1]
+    assert all(spans[n][0] >= spans["a"][1] for n in "bcde")
     assert spans["b"][0] < spans["c"][1] and spans["c"][0] < spans["b"][1], spans  # overlap
+    assert spans["d"][1] <= spans["e"][0] or spans["e"][1] <= spans["d"][0], spans  # one training stage at a time
