@@ -231,7 +231,7 @@ def test_layout_errors_are_one_line_before_torchrun(sample_shards, tmp_path, mon
     def no_launch(*args, **kwargs):
         raise AssertionError("torchrun was launched")
 
-    monkeypatch.setattr(recipe, "run_torchrun", no_launch)
+    monkeypatch.setattr(recipe, "launch_recipe", no_launch)
     paths = workdir(tmp_path, sample_shards, "w")
     with pytest.raises(ValueError, match=message):
         pretrain(cfg_of(**changes), paths)

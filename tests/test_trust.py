@@ -88,7 +88,7 @@ def test_a_flipped_byte_in_a_token_shard_is_one_error_naming_it(sample_shards, t
     def no_launch(*args, **kwargs):
         raise AssertionError("torchrun was launched")
 
-    monkeypatch.setattr(recipe, "run_torchrun", no_launch)
+    monkeypatch.setattr(recipe, "launch_recipe", no_launch)
     with pytest.raises(ValueError, match=re.escape(f"{shard} does not match its sha256")):
         pretrain(cfg_of(nproc=2, batch_size=2), paths)
 
