@@ -378,6 +378,22 @@ class DistillConfig:
         _training_checks("distill", self)
 
 
+@dataclass(frozen=True)
+class ExportConfig:
+    windows: int = 16  # held-out pretraining windows the gates are measured on
+    window_len: int = 128
+    max_logit_diff: float = 1e-3  # gate: fp32 ONNX vs torch, max abs logit difference
+    min_int8_agreement: float = 0.9  # gate: int8 vs fp32 top-1 next-token agreement
+    prompts: int = 4  # gate: cached ONNX decode vs full-recompute torch greedy tokens, on this many prompts
+    generate_tokens: int = 16
+    seed: int = 0
+
+    def __post_init__(self):
+        _positive(self, "windows", "window_len", "max_logit_diff", "prompts", "generate_tokens")
+        if not 0.0 <= self.min_int8_agreement <= 1.0:
+            raise ValueError(f"export.min_int8_agreement must be in [0, 1], got {self.min_int8_agreement}")
+
+
 def _training_checks(section: str, cfg) -> None:
     if cfg.dtype not in ("auto", "fp32", "bf16"):
         raise ValueError(f"{section}.dtype must be auto, fp32 or bf16, got {cfg.dtype!r}")
@@ -414,6 +430,7 @@ class Params:
     instructions: InstructionsConfig = field(default_factory=InstructionsConfig)
     sft: SftConfig = field(default_factory=SftConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
 
 

@@ -29,6 +29,7 @@ from fm.data.instructions import instructions
 from fm.data.shards import write_shards
 from fm.data.tokenizer import train_tokenizer
 from fm.data.validate import validate
+from fm.export.stage import export
 from fm.paths import Paths
 from fm.recipes.pretrain import pretrain
 from fm.recipes.caption import caption
@@ -114,6 +115,10 @@ STAGES: dict[str, Stage] = {
               outs=tuple(f"06_models/student/{f}" for f in MODEL_FILES),
               metrics=("06_models/student/summary.json",), plots={"06_models/student/loss.csv": {"x": "step", "y": "loss"}},
               trains=True, tables={"distill_loss": "06_models/student/loss.csv"}),
+        Stage("export", export, "Export the student to ONNX (fp32, int8) and transformers weights; parity gates.",
+              upstream=("distill",), sections=("export",),
+              deps=(*(f"06_models/student/{f}" for f in MODEL_FILES), "05_tokens/shards", "06_models/pretrain/config.json"),
+              outs=("07_export/onnx", "07_export/hf"), metrics=("07_export/report.json",)),
     )
 }
 

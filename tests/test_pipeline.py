@@ -45,6 +45,8 @@ def tiny_params(path: Path) -> None:
                                    eval_every=2, eval_batches=1, ckpt_every=2, threads=1)
     params["caption"].update(n_prefix=2, batch_size=1, max_steps=2, warmup_steps=0, eval_every=2, eval_batches=1,
                              ckpt_every=2, retrieval_images=2, threads=1)
+    # an untrained tiny student's next-token choices are near ties: int8 agreement is not a gate here
+    params["export"].update(windows=2, window_len=16, prompts=1, generate_tokens=4, min_int8_agreement=0.0)
     path.write_text(yaml.safe_dump(params, sort_keys=False, allow_unicode=True))
 
 
@@ -127,7 +129,7 @@ def test_fm_run_then_each_kind_of_edit_reruns_exactly_the_stale_stages(project):
     # caption the image shards); sft reads pretrain's model, which a rerun exports again byte for byte: it stays skipped
     with open(project / "fm" / "data" / "shards.py", "a") as f:
         f.write("\n# an edit\n")
-    reads_shards = {"shard", "pretrain", "pretrain_clip", "caption", "distill"}
+    reads_shards = {"shard", "pretrain", "pretrain_clip", "caption", "distill", "export"}
     assert stale(project) == reads_shards
     assert ran(fm_run()) == reads_shards
     assert stale(project) == set()
@@ -144,13 +146,13 @@ def test_fm_run_then_each_kind_of_edit_reruns_exactly_the_stale_stages(project):
     params["tokenize"]["vocab_size"] = 290
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False, allow_unicode=True))
     assert stale(project) == {"tokenize"}
-    assert ran(fm_run()) == {"tokenize", "shard", "pretrain", "pretrain_clip", "caption", "sft", "distill"}
+    assert ran(fm_run()) == {"tokenize", "shard", "pretrain", "pretrain_clip", "caption", "sft", "distill", "export"}
     assert stale(project) == set()
 
     # a --set override: only the stages whose sections it changes rerun, and nothing is recorded for them
     lock_before = (project / "dvc.lock").read_text()
     statuses = fm_run("--set", "pretrain.max_steps=3")
-    reads_pretrain = {"pretrain", "caption", "sft", "distill"}  # pretrain and what reads its weights
+    reads_pretrain = {"pretrain", "caption", "sft", "distill", "export"}  # pretrain and what reads its weights
     assert ran(statuses) == reads_pretrain, statuses
     assert (project / "dvc.lock").read_text() == lock_before
     assert stale(project) == reads_pretrain  # the weights are not what params.yaml makes
@@ -163,6 +165,22 @@ def test_fm_run_then_each_kind_of_edit_reruns_exactly_the_stale_stages(project):
         f.write(json.dumps({"text": "A brand new document about a lighthouse keeper and her cat on a stormy night."}) + "\n")
     assert stale(project) == {"ingest"}
     assert ran(fm_run()) == set(STAGES)
+
+    # export: a broken gate fails the stage and leaves the published export as it was; a tampered file is named
+    from fm.config import ExportConfig
+    from fm.export.stage import export, verify_export
+    from fm.paths import Paths
+
+    paths = Paths(project / "data" / "01_raw", project / "data")
+    report = (project / "data" / "07_export" / "report.json").read_bytes()
+    with pytest.raises(ValueError, match="fp32_max_abs_logit_diff"):
+        export(ExportConfig(windows=2, window_len=16, prompts=1, generate_tokens=4, max_logit_diff=1e-30), paths)
+    assert (project / "data" / "07_export" / "report.json").read_bytes() == report
+    verify_export(project / "data" / "07_export")
+    decode = project / "data" / "07_export" / "onnx" / "decode.int8.onnx"
+    decode.write_bytes(decode.read_bytes()[:-1])
+    with pytest.raises(ValueError, match="decode.int8.onnx is missing, damaged or changed"):
+        verify_export(project / "data" / "07_export")
 
     # fm <stage> run directly records too
     result = runner.invoke(app, ["curate", "--set", "curate.min_chars=1"])
@@ -178,7 +196,7 @@ def test_dvc_repro_reruns_exactly_the_stale_stages_and_dvc_push_pull_restores_al
     assert repro_ran(project) == set()
     with open(project / "fm" / "data" / "shards.py", "a") as f:
         f.write("\n# an edit\n")
-    assert repro_ran(project) == {"shard", "pretrain", "pretrain_clip", "caption", "distill"}
+    assert repro_ran(project) == {"shard", "pretrain", "pretrain_clip", "caption", "distill", "export"}
     with open(project / "data" / "01_raw" / "triples" / "facts.tsv", "a") as f:
         f.write("Rome\tcapital of\tItaly\ten\n")
     assert repro_ran(project) == set(STAGES)

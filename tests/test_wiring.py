@@ -120,10 +120,10 @@ def test_overrides_nested_and_bad_values():
 
 def test_select_stages_follows_the_dag():
     assert downstream("curate") == ["curate", "tokenize", "shard", "pretrain", "pretrain_clip", "caption", "instructions",
-                                    "sft", "distill"]
-    assert downstream("pretrain") == ["pretrain", "caption", "sft", "distill"]
+                                    "sft", "distill", "export"]
+    assert downstream("pretrain") == ["pretrain", "caption", "sft", "distill", "export"]
     assert downstream("pretrain_clip") == ["pretrain_clip", "caption"]  # the multimodal branch
-    assert downstream("instructions") == ["instructions", "sft", "distill"]  # a new instruction set retunes, never pretrains
+    assert downstream("instructions") == ["instructions", "sft", "distill", "export"]  # a new instruction set retunes, never pretrains
     assert ancestors("sft") == ["ingest", "validate", "curate", "tokenize", "shard", "pretrain", "instructions"]
     assert ancestors("ingest") == []
     assert select_stages(["shard", "ingest"]) == ["ingest", "shard"]
