@@ -262,14 +262,7 @@ def train_captioner(cfg: CaptionConfig, paths: Paths, d: Dist, fresh: bool = Fal
                                                "bytes": (tmp / "prefix.safetensors").stat().st_size,
                                                "sha256": sha256_file(tmp / "prefix.safetensors")}}
             (tmp / "config.json").write_text(json.dumps(config, indent=2))
-            metrics = session.read_metrics()
-            (tmp / "metrics.jsonl").write_text(metrics)
-            rows = ["step,loss,val_loss,lr"]
-            for r in (json.loads(line) for line in metrics.splitlines()):
-                val = f"{r['val_loss']:.6f}" if "val_loss" in r else ""
-                rows.append(f"{r['step']},{r['loss']:.6f},{val},{r['lr']:.6g}")
-                summary["final_loss"] = round(r["loss"], 4)
-            (tmp / "loss.csv").write_text("\n".join(rows) + "\n")
+            summary.update(session.write_records(tmp)[1])
             summary["seconds"] = round(time.perf_counter() - start, 2)
             (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
     summary["outputs"] = [str(out)]

@@ -213,16 +213,7 @@ def train_clip(cfg: PretrainClipConfig, paths: Paths, d: Dist, fresh: bool = Fal
         export_model(clip, mcfg, tmp, d, meta)
         if d.is_main:
             shutil.copyfile(tokenizer_path, tmp / "tokenizer.json")
-            metrics = session.read_metrics()
-            (tmp / "metrics.jsonl").write_text(metrics)
-            rows = ["step,loss,val_loss,lr"]
-            for r in (json.loads(line) for line in metrics.splitlines()):
-                val = f"{r['val_loss']:.6f}" if "val_loss" in r else ""
-                rows.append(f"{r['step']},{r['loss']:.6f},{val},{r['lr']:.6g}")
-                summary["final_loss"] = round(r["loss"], 4)
-                if "val_loss" in r:
-                    summary["val_loss"] = round(r["val_loss"], 4)
-            (tmp / "loss.csv").write_text("\n".join(rows) + "\n")
+            summary.update(session.write_records(tmp)[1])
             summary["seconds"] = round(time.perf_counter() - start, 2)
             (tmp / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
     summary["outputs"] = [str(out)]

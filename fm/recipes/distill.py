@@ -243,19 +243,7 @@ def train_student(cfg: DistillConfig, sft: SftConfig, paths: Paths, d: Dist, fre
         export_model(unwrap(model).student, scfg, tmp, d, meta)
         if d.is_main:
             shutil.copyfile(t_dir / "tokenizer.json", tmp / "tokenizer.json")
-            metrics = session.read_metrics()
-            (tmp / "metrics.jsonl").write_text(metrics)
-            records = [json.loads(line) for line in metrics.splitlines()]
-            rows = ["step,loss,val_loss,lr"]
-            for r in records:
-                rows.append(f"{r['step']},{r['loss']:.6f},{r['val_loss']:.6f}," if "val_loss" in r else f"{r['step']},{r['loss']:.6f},,")
-                rows[-1] += f"{r['lr']:.6g}"
-            (tmp / "loss.csv").write_text("\n".join(rows) + "\n")
-            if records:
-                summary["final_loss"] = round(records[-1]["loss"], 4)
-                vals = [r["val_loss"] for r in records if "val_loss" in r]
-                if vals:
-                    summary["val_loss"] = round(vals[-1], 4)
+            summary.update(session.write_records(tmp)[1])
             summary["seconds"] = round(time.perf_counter() - start, 2)
             (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
     summary["outputs"] = [str(out)]

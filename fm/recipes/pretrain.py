@@ -250,10 +250,7 @@ def _run(cfg: PretrainConfig, paths: Paths, d: Dist, progress: bool, fresh: bool
         export_model(model, mcfg, tmp, d, meta)  # collective: every rank gathers, rank 0 writes
         if d.is_main:
             shutil.copyfile(shard_dir / manifest["tokenizer"]["path"], tmp / "tokenizer.json")  # a self-contained folder
-            metrics = (ckpt_root / "metrics.jsonl").read_text()
-            (tmp / "metrics.jsonl").write_text(metrics)
-            records = [json.loads(line) for line in metrics.splitlines()]
-            _write_loss_csv(records, tmp / "loss.csv")
+            records, _ = session.write_records(tmp)
             summary.update(_run_figures(records))
             summary["seconds"] = round(time.perf_counter() - start, 2)
             (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -283,15 +280,6 @@ def _run_figures(records: list[dict]) -> dict:
     if curve:
         out["val_curve"] = curve
     return out
-
-
-def _write_loss_csv(records: list[dict], path: Path) -> None:
-    """step, loss, val_loss (empty between evaluations), lr: the loss curve for `dvc plots` and the registry."""
-    rows = ["step,loss,val_loss,lr"]
-    for r in records:
-        val = f"{r['val_loss']:.6f}" if "val_loss" in r else ""
-        rows.append(f"{r['step']},{r['loss']:.6f},{val},{r['lr']:.6g}")
-    path.write_text("\n".join(rows) + "\n")
 
 
 def pretrain(cfg: PretrainConfig, paths: Paths, fresh: bool = False) -> dict:

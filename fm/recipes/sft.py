@@ -60,7 +60,7 @@ from fm.train.launch import die_with_parent, launch_recipe
 from fm.train.loop import progress_bar, train
 from fm.train.optim import build_optimizer
 from fm.train.parallel import Dist, destroy_distributed, init_distributed, parallelize, unwrap
-from fm.train.session import TrainingSession
+from fm.train.session import LOSS_CSV_HEADER, TrainingSession, loss_csv_row
 
 # The pretraining modality each task's records come from: the domain a domain-routed MoE sends its tokens to.
 TASK_MODALITY = {"hypernym": "triples", "capital": "triples", "currency": "triples", "language": "triples",
@@ -221,14 +221,7 @@ def train_method(cfg: SftConfig, method: str, paths: Paths, d: Dist, fresh: bool
                 _write_adapter(inner, method, tmp)
         if d.is_main:
             shutil.copyfile(pretrained_dir / "tokenizer.json", tmp / "tokenizer.json")
-            metrics = session.read_metrics()
-            (tmp / "metrics.jsonl").write_text(metrics)
-            records = [json.loads(line) for line in metrics.splitlines()]
-            if records:
-                summary["final_loss"] = round(records[-1]["loss"], 4)
-                vals = [r["val_loss"] for r in records if "val_loss" in r]
-                if vals:
-                    summary["val_loss"] = round(vals[-1], 4)
+            summary.update(session.write_records(tmp)[1])
             summary["seconds"] = round(time.perf_counter() - start, 2)
             (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
     summary["outputs"] = [str(out)]
@@ -335,12 +328,10 @@ def sft(cfg: SftConfig, paths: Paths, fresh: bool = False) -> dict:
             qa[m] = evaluate_qa(model, chat, items, codes)
             entry["qa_accuracy"] = qa[m]["accuracy"]
         methods[m] = entry
-    rows = ["step,loss,val_loss,lr,method"]
+    rows = [LOSS_CSV_HEADER + ",method"]
     for m in cfg.methods:
         for line in (paths.models / "sft" / "models" / m / "metrics.jsonl").read_text().splitlines():
-            r = json.loads(line)
-            val = f"{r['val_loss']:.6f}" if "val_loss" in r else ""
-            rows.append(f"{r['step']},{r['loss']:.6f},{val},{r['lr']:.6g},{m}")
+            rows.append(loss_csv_row(json.loads(line), m))
     out = paths.models / "sft"
     (out / "loss.csv").write_text("\n".join(rows) + "\n")
     summary = {"stage": "sft", "teacher": cfg.teacher, "steps": cfg.max_steps, "methods": methods,

@@ -169,7 +169,25 @@ class TrainingSession:
         if self._old_run is not None:
             self._set_old_run_aside()
 
-    def read_metrics(self) -> str:
-        """The run's metrics.jsonl (rank 0), every step from 1 to the last trained."""
+    def write_records(self, out_dir: Path) -> tuple[list[dict], dict]:
+        """Copy the run's metrics.jsonl (every step from 1 to the last trained) into out_dir and write loss.csv
+        beside it (rank 0). Returns (the records, {final_loss, val_loss}: the last of each)."""
         path = self.root / "metrics.jsonl"
-        return path.read_text() if path.exists() else ""
+        metrics = path.read_text() if path.exists() else ""
+        (out_dir / "metrics.jsonl").write_text(metrics)
+        records = [json.loads(line) for line in metrics.splitlines()]
+        (out_dir / "loss.csv").write_text("\n".join([LOSS_CSV_HEADER, *(loss_csv_row(r) for r in records)]) + "\n")
+        figures = {"final_loss": round(records[-1]["loss"], 4)} if records else {}
+        vals = [r["val_loss"] for r in records if "val_loss" in r]
+        if vals:
+            figures["val_loss"] = round(vals[-1], 4)
+        return records, figures
+
+
+LOSS_CSV_HEADER = "step,loss,val_loss,lr"  # the loss curve for `dvc plots` and the registry
+
+
+def loss_csv_row(record: dict, *extra: str) -> str:
+    """One loss.csv line of a metrics record: val_loss is empty between evaluations; extra columns appended."""
+    val = f"{record['val_loss']:.6f}" if "val_loss" in record else ""
+    return ",".join([str(record["step"]), f"{record['loss']:.6f}", val, f"{record['lr']:.6g}", *extra])
