@@ -275,16 +275,45 @@ def plan(
 
 @app.command("generate")
 def generate(
-    prompt: Annotated[Optional[str], typer.Argument(help="An instruction for the tuned model (written with the chat template).")] = None,
-    image: Annotated[Optional[Path], typer.Option("--image", help="Caption this PNG or JPEG with the caption model instead.")] = None,
-    model: Annotated[Optional[Path], typer.Option("--model", help="Model folder. [default: <workdir>/06_models/caption with --image, "
-                                                                   "else <workdir>/06_models/sft/models/<sft.teacher>]", show_default=False)] = None,
-    max_new_tokens: Annotated[int, typer.Option(help="The most tokens to write.")] = 64,
+    prompt: Annotated[Optional[str], typer.Argument(help="An instruction for a tuned model (written with the chat template), or text to continue "
+                                                         "(--plain, or a pretrained model).")] = None,
+    image: Annotated[Optional[Path], typer.Option("--image", help="Caption this PNG or JPEG with the caption model instead (greedy; "
+                                                                  "the text options below do not apply).")] = None,
+    model: Annotated[Optional[Path], typer.Option("--model", help="Torch model folder. (default: <workdir>/06_models/caption with --image, "
+                                                                   "else <workdir>/06_models/sft/models/<sft.teacher>)", show_default=False)] = None,
+    onnx: Annotated[bool, typer.Option("--onnx", help="Generate with the exported ONNX graphs on onnxruntime (CPU) instead of "
+                                                      "a torch model: the student, a chat model. Each graph and the tokenizer "
+                                                      "(07_export/hf/tokenizer.json) must have the sha256 that 07_export/report.json "
+                                                      "lists: a missing or changed file is refused, by name.")] = False,
+    onnx_dir: Annotated[Optional[Path], typer.Option("--onnx-dir", help="The folder of the ONNX graphs, beside report.json and hf/ (implies --onnx). "
+                                                                        "(default: <workdir>/07_export/onnx)", show_default=False)] = None,
+    int8: Annotated[bool, typer.Option("--int8", help="Use the int8 graphs (prefill.int8.onnx, decode.int8.onnx): smaller and faster, "
+                                                      "logits a little off the fp32 ones (implies --onnx).")] = False,
+    max_new_tokens: Annotated[int, typer.Option(help="The most tokens to write (fewer when the prompt leaves less room in the model's context).")] = 64,
+    temperature: Annotated[float, typer.Option(help="0: greedy, the most likely token every step (the same text every run). Above 0: sample "
+                                                    "from softmax(logits / temperature); higher is more varied, below 1 more conservative.")] = 0.0,
+    top_k: Annotated[Optional[int], typer.Option("--top-k", help="Sample only among the k most likely tokens (with --temperature > 0).",
+                                                 show_default=False)] = None,
+    top_p: Annotated[Optional[float], typer.Option("--top-p", help="Nucleus sampling: only among the fewest most likely tokens whose probabilities "
+                                                                   "add up to p, in (0, 1]; applied after --top-k (with --temperature > 0).",
+                                                   show_default=False)] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed of the sampler: the same seed, model, prompt and options write the same text. "
+                                                     "(default: a fresh seed, shown on stderr)", show_default=False)] = None,
+    stop: Annotated[Optional[list[str]], typer.Option("--stop", help="End the text at this token (repeatable): a vocabulary entry such as "
+                                                                     "'<|end|>', or text that is one token. The stop token is not written. "
+                                                                     "(default: <|end|> and <|endoftext|>)", show_default=False)] = None,
+    plain: Annotated[bool, typer.Option("--plain", help="Continue the prompt as plain text, without the chat template. (default: the chat "
+                                                    "template for a tuned model (sft or distill in its config.json; --onnx: the student), "
+                                                    "plain text for a pretrained one)")] = False,
     lang: Annotated[str, typer.Option(help="The caption's language (--image): en or zh.")] = "en",
     workdir: WorkdirOpt = None,
     params: ParamsOpt = None,
 ) -> None:
-    """Write a response to an instruction (greedy, with the tuned model), or a caption for an image (--image)."""
+    """Write text for a prompt, streamed as it comes: a response to an instruction (chat template) or a continuation (--plain),
+    with a torch model folder or the exported ONNX graphs (--onnx); greedy, or sampled with --temperature. Or caption an
+    image (--image)."""
+    import json
+
     import torch
 
     ctx = run_context(None, workdir, params, None)
@@ -297,6 +326,12 @@ def generate(
             from fm.data.ingest import Rejected, load_image
             from fm.recipes.caption import load_captioner, write_caption
 
+            text_options = {"--onnx": onnx, "--onnx-dir": onnx_dir is not None, "--int8": int8, "--temperature": temperature != 0,
+                            "--top-k": top_k is not None, "--top-p": top_p is not None, "--seed": seed is not None,
+                            "--stop": bool(stop), "--plain": plain}
+            if any(text_options.values()):
+                raise ValueError(f"{', '.join(k for k, v in text_options.items() if v)}: for text; --image writes a greedy "
+                                 f"caption with the caption model")
             captioner, tokenizer = load_captioner(model or ctx.paths.models / "caption")
             size = captioner.prefix.visual.cfg.image_size
             try:
@@ -305,21 +340,84 @@ def generate(
                 raise ValueError(f"{image}: {e}") from None
             print(write_caption(captioner, tokenizer, torch.from_numpy(_decode(png, size, str(image))), lang, max_new_tokens))
             return
-        from fm.data.chat import ChatTemplate
-        from fm.models.decoder import Decoder
-        from fm.models.pretrained import load_tuned
+        from fm.data.chat import END, ChatTemplate
+        from fm.generation import TextStreamer, check_sampling
 
-        folder = model or ctx.paths.models / "sft" / "models" / ctx.params().sft.teacher
-        lm, tokenizer = load_tuned(folder)
-        if not isinstance(lm, Decoder):
-            raise ValueError(f"{folder} is a prefix- or prompt-tuned model: generate with a full or LoRA model")
-        chat = ChatTemplate(tokenizer)
-        ids = torch.tensor([chat.encode_prompt(prompt)[-(lm.cfg.seq_len - max_new_tokens):]])  # (1, T)
-        out = lm.eval().generate(ids, min(max_new_tokens, lm.cfg.seq_len - ids.shape[1]), temperature=0, eos_id=chat.end_id)
-        new = [t for t in out[0, ids.shape[1]:].tolist() if t != chat.end_id]
-        print(tokenizer.decode(new))
+        check_sampling(temperature, top_k, top_p)
+        if temperature == 0 and (top_k is not None or top_p is not None):
+            raise ValueError("--top-k and --top-p shape sampling: give --temperature > 0 too (0 is greedy)")
+        if max_new_tokens < 1:
+            raise ValueError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+        onnx = onnx or onnx_dir is not None or int8
+        if onnx:
+            from fm.data.tokenizer import open_tokenizer
+            from fm.export.onnx import OnnxGenerator
+            from fm.io import sha256_file
+
+            if model is not None:
+                raise ValueError("--model is a torch model folder; --onnx reads the exported graphs (--onnx-dir DIR)")
+            folder = Path(os.path.abspath(onnx_dir)) if onnx_dir else ctx.paths.workdir / "07_export" / "onnx"
+            gen = OnnxGenerator.from_export(folder, int8=int8)  # each graph checked against report.json
+            report, tokenizer_path = folder.parent / "report.json", folder.parent / "hf" / "tokenizer.json"
+            listed = json.loads(report.read_text()).get("files", {}).get("hf/tokenizer.json", {}).get("sha256")
+            if sha256_file(tokenizer_path) != listed:
+                raise ValueError(f"{tokenizer_path} is not the tokenizer {report} lists (its sha256 differs): "
+                                 f"it is damaged or was changed after export; rerun `fm export`")
+            tokenizer, seq_len, chat_model = open_tokenizer(tokenizer_path), gen.seq_len, True  # fm export exports the student
+        else:
+            from fm.models.decoder import Decoder
+            from fm.models.pretrained import load_tuned
+
+            folder = model or ctx.paths.models / "sft" / "models" / ctx.params().sft.teacher
+            lm, tokenizer = load_tuned(folder)
+            if not isinstance(lm, Decoder):
+                raise ValueError(f"{folder} is a prefix- or prompt-tuned model: generate with a full or LoRA model")
+            config = json.loads((folder / "config.json").read_text())
+            chat_model, seq_len = "sft" in config or "distill" in config, lm.cfg.seq_len  # tuned on the chat template
+
+        def token_id(text: str) -> int:
+            if (i := tokenizer.token_to_id(text)) is not None:
+                return i
+            ids = tokenizer.encode(text, add_special_tokens=False).ids
+            if len(ids) != 1:
+                raise ValueError(f"--stop {text!r} is {len(ids)} tokens: give one token, e.g. '{END}'")
+            return ids[0]
+
+        stops = ([token_id(s) for s in stop] if stop else
+                 [i for i in (tokenizer.token_to_id(END), tokenizer.token_to_id("<|endoftext|>")) if i is not None])
+        if plain or not chat_model:
+            ids = tokenizer.encode(prompt, add_special_tokens=False).ids
+        else:
+            ids = ChatTemplate(tokenizer).encode_prompt(prompt)
+        if not ids:
+            raise ValueError("the prompt is empty: give some text to continue")
+        if len(ids) >= seq_len:
+            raise ValueError(f"the prompt is {len(ids)} tokens and the model reads at most {seq_len}: shorten it")
+        new_tokens = min(max_new_tokens, seq_len - len(ids))
+        generator = torch.Generator()
+        if temperature > 0:
+            if seed is None:
+                seed = generator.seed()  # a fresh one, shown so that the text can be written again
+                console.print(f"[dim]seed {seed}[/]", highlight=False)
+            generator.manual_seed(seed)
+
+        streamer, stop_set = TextStreamer(tokenizer), set(stops)
+
+        def write(token: int) -> None:  # each token as it is chosen; only whole characters reach the terminal
+            if token not in stop_set:
+                print(streamer.put(token), end="", flush=True)
+
+        sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, stop_ids=stops, generator=generator)
+        if onnx:
+            gen.generate(ids, new_tokens, on_token=write, **sampling)
+        else:
+            lm.eval().generate(torch.tensor([ids]), new_tokens, on_token=lambda t: write(int(t[0, 0])), **sampling)
+        print(streamer.end(), flush=True)
     except _user_errors() as e:
         raise fail("generate", e)
+    except KeyboardInterrupt:  # Ctrl-C while the text streams: end its line, no traceback
+        print(flush=True)
+        raise typer.Exit(130) from None
 
 
 _register_stage_commands()

@@ -386,12 +386,18 @@ class ExportConfig:
     min_int8_agreement: float = 0.9  # gate: int8 vs fp32 top-1 next-token agreement
     prompts: int = 4  # gate: cached ONNX decode vs full-recompute torch greedy tokens, on this many prompts
     generate_tokens: int = 16
+    int8: str = "auto"  # auto: build dynamic and static int8, keep the one that agrees more with fp32; or one of them
+    calibration_windows: int = 8  # held-out windows (apart from the gate windows) that calibrate static int8
+    teacher: bool = True  # export the tuned teacher (sft.teacher) too, under 07_export/teacher/
+    clip: bool = True  # export the CLIP towers too, under 07_export/clip/
     seed: int = 0
 
     def __post_init__(self):
-        _positive(self, "windows", "window_len", "max_logit_diff", "prompts", "generate_tokens")
+        _positive(self, "windows", "window_len", "max_logit_diff", "prompts", "generate_tokens", "calibration_windows")
         if not 0.0 <= self.min_int8_agreement <= 1.0:
             raise ValueError(f"export.min_int8_agreement must be in [0, 1], got {self.min_int8_agreement}")
+        if self.int8 not in ("auto", "dynamic", "static"):
+            raise ValueError(f"export.int8 must be auto, dynamic or static, got {self.int8!r}")
 
 
 def _training_checks(section: str, cfg) -> None:

@@ -115,10 +115,13 @@ STAGES: dict[str, Stage] = {
               outs=tuple(f"06_models/student/{f}" for f in MODEL_FILES),
               metrics=("06_models/student/summary.json",), plots={"06_models/student/loss.csv": {"x": "step", "y": "loss"}},
               trains=True, tables={"distill_loss": "06_models/student/loss.csv"}),
-        Stage("export", export, "Export the student to ONNX (fp32, int8) and transformers weights; parity gates.",
-              upstream=("distill",), sections=("export",),
-              deps=(*(f"06_models/student/{f}" for f in MODEL_FILES), "05_tokens/shards", "06_models/pretrain/config.json"),
-              outs=("07_export/onnx", "07_export/hf"), metrics=("07_export/report.json",)),
+        Stage("export", export, "Export the student, teacher and CLIP towers to ONNX (fp32, int8) and transformers "
+              "weights; parity gates.",
+              upstream=("distill", "pretrain_clip"), sections=("export", "sft"),
+              deps=(*(f"06_models/student/{f}" for f in MODEL_FILES), "06_models/sft/models", "06_models/clip/model.safetensors",
+                    "06_models/clip/config.json", "06_models/clip/tokenizer.json", "05_tokens/shards",
+                    "06_models/pretrain/config.json"),
+              outs=("07_export/onnx", "07_export/hf", "07_export/teacher", "07_export/clip"), metrics=("07_export/report.json",)),
     )
 }
 

@@ -13,7 +13,6 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from fm.models.clip import (CLIP, ClipConfig, axial_rope_tables, clip_loss, retrieval_metrics, zero_shot_classifier,
                             zero_shot_predict)
@@ -274,52 +273,33 @@ def test_logit_scale_is_exponentiated_and_clamped_at_100():
     assert model(images, ids, lengths)[2].item() == pytest.approx(100.0, rel=1e-6)
 
 
-class ImageEncoder(nn.Module):
-    def __init__(self, model: CLIP):
-        super().__init__()
-        self.model = model
-
-    def forward(self, images):
-        return self.model.encode_image(images)
-
-
-class TextEncoder(nn.Module):
-    def __init__(self, model: CLIP):
-        super().__init__()
-        self.model = model
-
-    def forward(self, ids, lengths):
-        return self.model.encode_text(ids, lengths)
-
-
 def test_onnx_export_matches_torch_at_other_batch_and_length(tmp_path):
-    """Dynamo export, opset 18, dynamic batch (and sequence for text); ONNX Runtime on shapes the
-    export never saw equals torch to 1e-4."""
-    import onnx
-    import onnxruntime as ort
-    from torch.export import Dim
+    """fm.export.clip: dynamo export, opset 18, dynamic batch (and sequence for text), checked by
+    onnx.checker; ONNX Runtime on shapes the export never saw equals torch to 1e-4; the graphs carry
+    their kind and config, and load_session refuses a changed file."""
+    from fm.export.clip import export_clip
+    from fm.export.onnx import graph_metadata, load_session
 
     model = tiny_model()
-    images, ids, lengths = batch(2, T=8)
-    batch_dim, seq_dim = Dim("batch"), Dim("seq", max=model.cfg.context_length)
-    exports = {
-        "image": (ImageEncoder(model).eval(), (images,), {"images": {0: batch_dim}}),
-        "text": (TextEncoder(model).eval(), (ids, lengths), {"ids": {0: batch_dim, 1: seq_dim}, "lengths": {0: batch_dim}}),
-    }
+    sha = export_clip(model, tmp_path)
+    assert sorted(sha) == ["image.onnx", "text.onnx"]
     test_images, test_ids, test_lengths = batch(5, T=11, seed=7)
-    inputs = {"image": (test_images,), "text": (test_ids, test_lengths)}
-    for name, (wrapper, example, dynamic) in exports.items():
-        path = tmp_path / f"{name}.onnx"
-        torch.onnx.export(wrapper, example, str(path), dynamo=True, external_data=False, opset_version=18,
-                          dynamic_shapes=dynamic, verbose=False)
-        onnx.checker.check_model(onnx.load(str(path)))
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        feeds = {i.name: x.numpy() for i, x in zip(session.get_inputs(), inputs[name])}
-        got = torch.from_numpy(session.run(None, feeds)[0])
-        with torch.no_grad():
-            expected = wrapper(*inputs[name])
+    feeds = {"image.onnx": {"images": test_images.numpy()},
+             "text.onnx": {"ids": test_ids.numpy(), "lengths": test_lengths.numpy()}}
+    with torch.no_grad():
+        expected = {"image.onnx": model.encode_image(test_images), "text.onnx": model.encode_text(test_ids, test_lengths)}
+    for name in sha:
+        session = load_session(tmp_path / name, sha[name], 1)
+        kind, config = graph_metadata(session)
+        assert kind == f"clip_{name.removesuffix('.onnx')}" and config == model.cfg.to_dict()
+        got = torch.from_numpy(session.run(None, feeds[name])[0])
         assert got.shape == (5, 16)
-        torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
+        torch.testing.assert_close(got, expected[name], rtol=0, atol=1e-4)
+    data = bytearray((tmp_path / "text.onnx").read_bytes())
+    data[len(data) // 2] ^= 1
+    (tmp_path / "text.onnx").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="text.onnx has sha256"):
+        load_session(tmp_path / "text.onnx", sha["text.onnx"])
 
 
 def test_safetensors_round_trip_and_config(tmp_path):

@@ -12,8 +12,8 @@ import onnx
 import pytest
 import torch
 
-from fm.export.onnx import (OUTPUTS, OnnxGenerator, export_decode, export_prefill, graph_metadata, load_session,
-                            quantize_int8)
+from fm.export.onnx import (OUTPUTS, OnnxGenerator, export_decode, export_prefill, fold_weight_transposes,
+                            fuse_for_onnxruntime, graph_metadata, load_session, quantize_int8)
 from fm.io import sha256_file
 from fm.models.decoder import Decoder, KVCache, ModelConfig
 
@@ -133,30 +133,46 @@ def pattern_batch(B: int, T: int, cycle: torch.Tensor, g: torch.Generator, noise
     return torch.where(swap, torch.randint(0, len(cycle) * 4, (B, T), generator=g), ids)
 
 
-def test_int8_graph_is_smaller_and_agrees_with_fp32(tmp_path):
-    """A tiny model trained for 30 steps on a repeating 12-token cycle (so its predictions are confident,
-    not near-uniform), exported and quantized: the int8 file is smaller, every weight MatMul is int8,
-    and its top-1 next token agrees with fp32's on noisy rows of the cycle."""
+def trained_tiny(steps: int = 30) -> tuple[Decoder, torch.Tensor]:
+    """A tiny tied model trained for `steps` steps on a repeating 12-token cycle (so its predictions are
+    confident, not near-uniform), and the cycle."""
     model = tiny_decoder(seed=4, n_kv_head=2).train()
-    cfg = model.cfg
     g = torch.Generator().manual_seed(5)
-    cycle = torch.randperm(cfg.vocab_size, generator=g)[:12]
+    cycle = torch.randperm(model.cfg.vocab_size, generator=g)[:12]
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
-    for _ in range(30):
+    for _ in range(steps):
         ids = pattern_batch(16, 24, cycle, g, noise=0.05)
         _, loss, _ = model(ids[:, :-1], ids[:, 1:])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    model.eval()
+    return model.eval(), cycle
+
+
+@pytest.mark.parametrize("method", ["dynamic", "static"])
+def test_int8_graph_is_smaller_and_agrees_with_fp32(tmp_path, method):
+    """The trained tiny model exported and quantized (dynamic, or static calibrated on other rows of the
+    cycle): the int8 file is smaller, every weight MatMul (the tied LM head included) and the embedding
+    are int8, and its top-1 next token agrees with fp32's on noisy rows of the cycle."""
+    model, cycle = trained_tiny()
+    cfg = model.cfg
+    assert cfg.tie_embeddings  # the LM head is MatMul(x, Transpose(embedding)) in the graph
     fp32, int8 = tmp_path / "prefill.onnx", tmp_path / "prefill.int8.onnx"
     fp32_sha = export_prefill(model, fp32)
-    int8_sha = quantize_int8(fp32, int8)
+    calibration = [{"ids": pattern_batch(8, 32, cycle, torch.Generator().manual_seed(7), noise=0.1).numpy()}]
+    int8_sha = quantize_int8(fp32, int8, method, calibration if method == "static" else None)
     assert sha256_file(fp32) == fp32_sha and sha256_file(int8) == int8_sha  # the fp32 file stays beside it
-    ops = [n.op_type for n in onnx.load(str(int8)).graph.node]
-    assert ops.count("MatMulInteger") == 7 * cfg.n_layer + 1  # wq wk wv wo w_gate w_up w_down per layer, lm_head
+    graph = onnx.load(str(int8))
+    ops = [n.op_type for n in graph.graph.node]
+    weight_matmuls = 7 * cfg.n_layer + 1  # wq wk wv wo w_gate w_up w_down per layer, lm_head
+    if method == "dynamic":
+        assert ops.count("MatMulInteger") == weight_matmuls
+    else:  # QDQ: each quantized weight is an int8 initializer behind a DequantizeLinear
+        int8_weights = [t for t in graph.graph.initializer if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 2]
+        assert len(int8_weights) >= weight_matmuls
+    assert "SkipSimplifiedLayerNormalization" in ops  # onnxruntime's RMSNorm fusion ran first
     sizes = fp32.stat().st_size, int8.stat().st_size
-    assert sizes[1] < 0.6 * sizes[0]
+    assert sizes[1] < 0.5 * sizes[0]  # the embedding table too: about a quarter, plus scales and a tiny graph's overhead
 
     ids = pattern_batch(8, 32, cycle, torch.Generator().manual_seed(6), noise=0.1)  # 256 predictions
     logits32 = load_session(fp32, fp32_sha, 1).run(["logits"], {"ids": ids.numpy()})[0]
@@ -165,11 +181,72 @@ def test_int8_graph_is_smaller_and_agrees_with_fp32(tmp_path):
     logits8 = session8.run(["logits"], {"ids": ids.numpy()})[0]
     confidence = torch.from_numpy(logits32).softmax(-1).max(-1).values.mean().item()
     agreement = float((logits32.argmax(-1) == logits8.argmax(-1)).mean())
-    print(f"int8: {sizes[0]} -> {sizes[1]} bytes ({sizes[1] / sizes[0]:.2f}x), loss {loss.item():.3f}, "
+    print(f"int8 {method}: {sizes[0]} -> {sizes[1]} bytes ({sizes[1] / sizes[0]:.2f}x), "
           f"fp32 mean top-1 prob {confidence:.3f}, top-1 agreement {agreement:.4f} over {ids.numel()} positions, "
           f"max |logits8 - logits32| {np.abs(logits8 - logits32).max():.3f}")
     assert confidence > 0.5  # trained: far from uniform (1/96), so agreement measures something
     assert agreement >= 0.9
+
+
+def test_graph_rewrites_before_quantization_keep_the_logits(exported, tmp_path):
+    """fold_weight_transposes gives the tied LM head a constant weight, and onnxruntime's RMSNorm fusion
+    replaces the decomposed norms: the fp32 logits stay the same (1e-5) after each."""
+    model, prefill, _, shas = exported
+    graph = onnx.load(str(prefill))
+    ids = torch.randint(0, model.cfg.vocab_size, (3, 11), generator=torch.Generator().manual_seed(8)).numpy()
+    expected = load_session(prefill, shas["prefill_sha256"], 1).run(["logits"], {"ids": ids})[0]
+    # The exporter folds a small tied head's Transpose itself; a large one is left to fold_weight_transposes
+    # (test_fold_weight_transposes_unties_a_shared_weight).
+    assert fold_weight_transposes(graph) in (0, 1)
+    inits = {t.name for t in graph.graph.initializer}
+    weight_matmuls = [n for n in graph.graph.node if n.op_type == "MatMul" and n.input[1] in inits]
+    assert len(weight_matmuls) == 7 * model.cfg.n_layer + 1  # every projection and the LM head read a constant
+    fused = fuse_for_onnxruntime(graph)
+    ops = [n.op_type for n in fused.graph.node]
+    assert "Pow" not in ops and ops.count("SkipSimplifiedLayerNormalization") == 2 * model.cfg.n_layer
+    for i, proto in enumerate((graph, fused)):
+        path = tmp_path / f"rewritten{i}.onnx"
+        onnx.save(proto, str(path))
+        got = load_session(path, sha256_file(path), 1).run(["logits"], {"ids": ids})[0]
+        np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
+    assert {p.key for p in fused.metadata_props} >= {"fm.graph", "fm.model_config"}
+
+
+def test_fold_weight_transposes_unties_a_shared_weight(tmp_path):
+    """A hand-built tied head, as the exporter writes a large one: Gather(W, ids) and MatMul(x, Transpose(W))
+    share the initializer W. After the fold the MatMul reads its own W^T, the Transpose is gone, the Gather
+    still reads W, and the outputs are unchanged."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    W = np.random.default_rng(0).standard_normal((10, 4)).astype(np.float32)  # (V, C)
+    nodes = [helper.make_node("Gather", ["W", "ids"], ["emb"]),
+             helper.make_node("Transpose", ["W"], ["Wt"], perm=[1, 0]),
+             helper.make_node("MatMul", ["emb", "Wt"], ["logits"])]
+    graph = helper.make_graph(nodes, "tied", [helper.make_tensor_value_info("ids", TensorProto.INT64, [2, 3])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [2, 3, 10])],
+                              [numpy_helper.from_array(W, "W")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    ids = np.array([[1, 2, 3], [9, 0, 4]], dtype=np.int64)
+    expected = W[ids] @ W.T  # (2, 3, 10)
+    assert fold_weight_transposes(model) == 1
+    assert [n.op_type for n in model.graph.node] == ["Gather", "MatMul"]
+    assert model.graph.node[0].input[0] == "W" and model.graph.node[1].input[1] == "W.T"
+    onnx.checker.check_model(model)
+    path = tmp_path / "folded.onnx"
+    onnx.save(model, str(path))
+    got = load_session(path, sha256_file(path), 1).run(["logits"], {"ids": ids})[0]
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_static_int8_needs_calibration(exported, tmp_path):
+    _, prefill, _, _ = exported
+    with pytest.raises(ValueError, match="calibration"):
+        quantize_int8(prefill, tmp_path / "x.onnx", "static")
+    with pytest.raises(ValueError, match="dynamic' or 'static"):
+        quantize_int8(prefill, tmp_path / "x.onnx", "fp8")
+    with pytest.raises(ValueError, match="beside its input"):
+        quantize_int8(prefill, prefill)
+    assert not (tmp_path / "x.onnx").exists()
 
 
 def test_load_session_refuses_a_changed_file(exported, tmp_path):

@@ -5,6 +5,8 @@ param, an input file, a --set override): exactly the stale stages rerun, by `fm 
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import os
 import re
@@ -46,7 +48,8 @@ def tiny_params(path: Path) -> None:
     params["caption"].update(n_prefix=2, batch_size=1, max_steps=2, warmup_steps=0, eval_every=2, eval_batches=1,
                              ckpt_every=2, retrieval_images=2, threads=1)
     # an untrained tiny student's next-token choices are near ties: int8 agreement is not a gate here
-    params["export"].update(windows=2, window_len=16, prompts=1, generate_tokens=4, min_int8_agreement=0.0)
+    params["export"].update(windows=2, window_len=16, prompts=1, generate_tokens=4, min_int8_agreement=0.0,
+                            calibration_windows=2)
     path.write_text(yaml.safe_dump(params, sort_keys=False, allow_unicode=True))
 
 
@@ -167,14 +170,15 @@ def test_fm_run_then_each_kind_of_edit_reruns_exactly_the_stale_stages(project):
     assert ran(fm_run()) == set(STAGES)
 
     # export: a broken gate fails the stage and leaves the published export as it was; a tampered file is named
-    from fm.config import ExportConfig
+    from fm.config import load_params
     from fm.export.stage import export, verify_export
     from fm.paths import Paths
 
     paths = Paths(project / "data" / "01_raw", project / "data")
     report = (project / "data" / "07_export" / "report.json").read_bytes()
-    with pytest.raises(ValueError, match="fp32_max_abs_logit_diff"):
-        export(ExportConfig(windows=2, window_len=16, prompts=1, generate_tokens=4, max_logit_diff=1e-30), paths)
+    tiny = load_params(project / "params.yaml")
+    with pytest.raises(ValueError, match="student.fp32_max_abs_logit_diff"):
+        export(dataclasses.replace(tiny.export, max_logit_diff=1e-30), tiny.sft, paths)
     assert (project / "data" / "07_export" / "report.json").read_bytes() == report
     verify_export(project / "data" / "07_export")
     decode = project / "data" / "07_export" / "onnx" / "decode.int8.onnx"

@@ -122,7 +122,7 @@ def test_select_stages_follows_the_dag():
     assert downstream("curate") == ["curate", "tokenize", "shard", "pretrain", "pretrain_clip", "caption", "instructions",
                                     "sft", "distill", "export"]
     assert downstream("pretrain") == ["pretrain", "caption", "sft", "distill", "export"]
-    assert downstream("pretrain_clip") == ["pretrain_clip", "caption"]  # the multimodal branch
+    assert downstream("pretrain_clip") == ["pretrain_clip", "caption", "export"]  # the multimodal branch; export has its towers
     assert downstream("instructions") == ["instructions", "sft", "distill", "export"]  # a new instruction set retunes, never pretrains
     assert ancestors("sft") == ["ingest", "validate", "curate", "tokenize", "shard", "pretrain", "instructions"]
     assert ancestors("ingest") == []

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import warnings
 from pathlib import Path
@@ -57,6 +58,7 @@ from fm.models.decoder import Attention, Decoder, apply_rope
 OPSET = 18
 INPUTS = {"prefill": ["ids"], "decode": ["ids", "past_keys", "past_values"]}
 OUTPUTS = ["logits", "present_keys", "present_values"]
+QUANTIZED_OPS = ["MatMul", "Gemm", "Gather"]  # ops whose constant weights quantize_int8 stores as int8
 
 
 def check_exportable(model) -> None:
@@ -136,19 +138,31 @@ class Decode(nn.Module):
         return run_layers(self.model, ids, cos, sin, past_keys, past_values)
 
 
-def export_graph(wrapper: nn.Module, graph: str, example: tuple, dynamic_shapes: dict, path) -> str:
-    """Dynamo-export wrapper to one self-contained .onnx file at path (atomically); return its sha256."""
+def export_graph(wrapper: nn.Module, graph: str, example: tuple, dynamic_shapes: dict, path,
+                 input_names: list[str] | None = None, output_names: list[str] | None = None) -> str:
+    """Dynamo-export wrapper (whose .model has a .cfg with to_dict()) to one self-contained .onnx file at
+    path (atomically), checked by onnx.checker; return its sha256. Names default to the decoder graphs'."""
+    import onnx
+
     model = wrapper.model
     was_training = model.training
     wrapper.eval()
+    # The exporter logs a warning per torchvision op it cannot register (torchvision is not a dependency)
+    # and pytree a FutureWarning of its own: noise to a user exporting a language model.
+    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+    registration_level = registration.level
+    registration.setLevel(logging.ERROR)
     try:
         with torch.no_grad(), warnings.catch_warnings():
             # One Dim shared by several inputs (batch, past) is one axis name, as intended.
             warnings.filterwarnings("ignore", message=".*The axis name: .* will not be used", category=UserWarning)
-            program = torch.onnx.export(wrapper, example, dynamo=True, opset_version=OPSET, input_names=INPUTS[graph],
-                                        output_names=OUTPUTS, dynamic_shapes=dynamic_shapes, verbose=False)
+            warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
+            program = torch.onnx.export(wrapper, example, dynamo=True, opset_version=OPSET,
+                                        input_names=input_names or INPUTS[graph], output_names=output_names or OUTPUTS,
+                                        dynamic_shapes=dynamic_shapes, verbose=False)
     finally:
         model.train(was_training)
+        registration.setLevel(registration_level)
     # Per-node debugging metadata (stack traces with this checkout's absolute paths) would make the
     # bytes, and so the sha256, depend on where fm is installed; for a tiny model it is half the file.
     for node in program.model.graph.all_nodes():
@@ -156,6 +170,7 @@ def export_graph(wrapper: nn.Module, graph: str, example: tuple, dynamic_shapes:
     program.model.metadata_props.update({"fm.graph": graph, "fm.model_config": json.dumps(model.cfg.to_dict())})
     with atomic_path(path) as tmp:
         program.save(str(tmp), external_data=False)
+        onnx.checker.check_model(str(tmp), full_check=True)  # ValidationError: nothing is published
     return sha256_file(path)
 
 
@@ -189,27 +204,126 @@ def export_decode(model: Decoder, path: str | os.PathLike) -> str:
     return export_graph(Decode(model), "decode", (ids, past, past.clone()), dynamic, path)
 
 
-def quantize_int8(src: str | os.PathLike, dst: str | os.PathLike) -> str:
-    """onnxruntime dynamic quantization of the graph src into dst; src stays beside it. Returns dst's sha256.
+def fold_weight_transposes(model) -> int:
+    """Give every MatMul whose weight is Transpose(initializer) a pre-transposed initializer of its own.
 
-    The weights of every MatMul/Gemm with a constant weight (wq, wk, wv, wo, the MLP, the LM head)
-    become int8, symmetric per tensor; activations are quantized per call (DynamicQuantizeLinear ->
-    MatMulInteger). The embedding Gather, norms and attention's own MatMuls stay float32.
+    A tied LM head exports as MatMul(x, Transpose(embedding)): the embedding initializer also feeds
+    the Gather, so no optimizer folds the Transpose, and onnxruntime's quantizer, which quantizes only
+    constant weights, would leave the largest MatMul of a small model in float32. The copy costs the
+    embedding's size once (as an untied model stores it) and nothing numerically. Returns how many
+    MatMuls were rewired; Transposes left without a consumer are removed.
+    """
+    from onnx import numpy_helper
+
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    producer = {out: node for node in graph.node for out in node.output}
+    folded, names = 0, {}
+    for node in graph.node:
+        if node.op_type != "MatMul" or node.input[1] not in producer:
+            continue
+        transpose = producer[node.input[1]]
+        if transpose.op_type != "Transpose" or transpose.input[0] not in inits:
+            continue
+        weight = numpy_helper.to_array(inits[transpose.input[0]])
+        perm = next((list(a.ints) for a in transpose.attribute if a.name == "perm"), None)
+        if transpose.input[0] not in names:
+            name = f"{transpose.input[0]}.T"
+            graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(weight.transpose(perm)), name))
+            names[transpose.input[0]] = name
+        node.input[1] = names[transpose.input[0]]
+        folded += 1
+    used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
+    for node in [n for n in graph.node if n.op_type == "Transpose" and not set(n.output) & used]:
+        graph.node.remove(node)
+    return folded
+
+
+def fuse_for_onnxruntime(model):
+    """onnxruntime's transformer fusions on a ModelProto: each RMSNorm (Pow, ReduceMean, Add, Sqrt,
+    Div, Mul in the dynamo graph) becomes one SimplifiedLayerNormalization, and the residual add in
+    front of it is folded in (SkipSimplifiedLayerNormalization). These are onnxruntime contrib ops
+    (domain com.microsoft), so only the int8 graphs, which need onnxruntime anyway, are fused; the
+    fp32 graphs keep standard ONNX ops. Attention and rotary fusions do not match the dynamo graph's
+    pattern and are left to onnxruntime's own session-time optimizations (ORT_ENABLE_ALL)."""
+    import onnx
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    props = {p.key: p.value for p in model.metadata_props}
+    loggers = [logging.getLogger(name) for name in ("onnx_model", "onnx_model_bert", "onnx_model_gpt2", "fusion_base",
+                                                    "fusion_utils", "fusion_skiplayernorm", "fusion_layernorm")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.WARNING)
+    try:
+        cfg = json.loads(props["fm.model_config"])
+        fused = optimize_model(model, model_type="gpt2", num_heads=cfg["n_head"], hidden_size=cfg["d_model"],
+                               opt_level=0).model  # opt_level 0: the Python fusions only
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+    if not any(o.domain == "com.microsoft" for o in fused.opset_import):
+        fused.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+    onnx.helper.set_model_props(fused, props)
+    return fused
+
+
+class CalibrationFeeds:
+    """onnxruntime's CalibrationDataReader over a list of feed dicts (numpy arrays by input name)."""
+
+    def __init__(self, feeds: list[dict]):
+        self.feeds = iter(feeds)
+
+    def get_next(self):
+        return next(self.feeds, None)
+
+
+def quantize_int8(src: str | os.PathLike, dst: str | os.PathLike, method: str = "dynamic",
+                  calibration: list[dict] | None = None, fuse: bool = True) -> str:
+    """int8 quantization of the graph src into dst with onnxruntime; src stays beside it. Returns dst's sha256.
+
+    The weights of every MatMul/Gemm with a constant weight (wq, wk, wv, wo, the MLP, and the LM head,
+    tied or not: see fold_weight_transposes) become int8, symmetric per tensor, and so does the token
+    embedding table (its Gather reads int8 rows and dequantizes them). method "dynamic": activations
+    are quantized per call (DynamicQuantizeLinear -> MatMulInteger); "static": activation ranges are
+    fixed from `calibration` (feed dicts of the graph's inputs; MinMax, QDQ format). Norms and
+    attention's own MatMuls stay float32. With fuse, onnxruntime's
+    transformer fusions run first (fuse_for_onnxruntime). On fm's graphs dynamic keeps more top-1
+    agreement than static (the export stage measures both and keeps the better).
     onnxruntime's quant_pre_process is not run: its symbolic shape inference fails on the dynamo
     graph ("Incomplete symbolic shape inference"), and without it every weight MatMul is quantized
     anyway (tests/test_export_onnx.py counts them), so its "consider pre-processing" warning is moot.
     """
     import onnx
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
 
     src, dst = Path(src), Path(dst)
     if src.resolve() == dst.resolve():
         raise ValueError(f"quantize_int8 writes beside its input, not over it: {src}")
+    if method not in ("dynamic", "static"):
+        raise ValueError(f"quantize_int8: method must be 'dynamic' or 'static', got {method!r}")
+    if method == "static" and not calibration:
+        raise ValueError("quantize_int8: static quantization needs calibration feeds")
     with atomic_path(dst) as tmp:
-        quantize_dynamic(src, tmp, op_types_to_quantize=["MatMul", "Gemm"], weight_type=QuantType.QInt8)
+        graph = onnx.load(str(src))
+        fold_weight_transposes(graph)  # the tied LM head: a constant weight the quantizer can see
+        if fuse:
+            graph = fuse_for_onnxruntime(graph)
+        onnx.save(graph, str(tmp))
+        root = logging.getLogger()  # the quantizer warns through the root logger about quant_pre_process (see above)
+        level, root.level = root.level, logging.ERROR
+        try:
+            if method == "dynamic":
+                quantize_dynamic(tmp, tmp, op_types_to_quantize=QUANTIZED_OPS, weight_type=QuantType.QInt8)
+            else:
+                quantize_static(tmp, tmp, CalibrationFeeds(calibration), quant_format=QuantFormat.QDQ,
+                                op_types_to_quantize=QUANTIZED_OPS, activation_type=QuantType.QUInt8,
+                                weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax)
+        finally:
+            root.setLevel(level)
         quantized = onnx.load(str(tmp))  # metadata_props (fm.graph, fm.model_config) carried over from src
         props = {p.key: p.value for p in quantized.metadata_props}
-        onnx.helper.set_model_props(quantized, {**props, "fm.quantized": "int8 dynamic (MatMul/Gemm weights)"})
+        onnx.helper.set_model_props(quantized, {**props, "fm.quantized": f"int8 {method} (MatMul/Gemm weights, embedding)"})
         onnx.save(quantized, str(tmp))
     return sha256_file(dst)
 
@@ -244,10 +358,12 @@ def graph_metadata(session) -> tuple[str, dict]:
 
 
 class OnnxGenerator:
-    """Greedy generation with a prefill and a decode graph on onnxruntime's CPU provider.
+    """Generation with a prefill and a decode graph on onnxruntime's CPU provider: greedy or sampled, as
+    Decoder.generate does for one row (the same fm.generation.sample_token draws every token).
 
     With prefill_sha256 / decode_sha256 each file is checked as load_session does; without, it is
     loaded unchecked. intra_op_threads: onnxruntime's per-operator threads (None: its default).
+    from_export opens the graphs of an export folder, checked against its report.json.
     """
 
     def __init__(self, prefill_path: str | os.PathLike, decode_path: str | os.PathLike, *,
@@ -266,21 +382,54 @@ class OnnxGenerator:
             raise ValueError(f"{prefill_path} and {decode_path} were exported from models with different configs")
         self.seq_len = prefill_cfg["seq_len"]
 
-    def generate(self, ids: list[int], max_new_tokens: int, eos_id: int | None = None) -> list[int]:
-        """ids followed by up to max_new_tokens greedy tokens (as Decoder.generate with temperature=0 and one
-        row): stops after emitting eos_id if given."""
+    @classmethod
+    def from_export(cls, onnx_dir: str | os.PathLike, int8: bool = False,
+                    intra_op_threads: int | None = None) -> OnnxGenerator:
+        """The generator of `fm export`'s graphs in onnx_dir (07_export/onnx; the int8 pair with int8=True),
+        each refused unless its sha256 is the one onnx_dir/../report.json lists for it."""
+        onnx_dir = Path(onnx_dir)
+        if onnx_dir.name in ("", ".", ".."):  # its name is looked up in report.json
+            onnx_dir = onnx_dir.resolve()
+        report_path = onnx_dir.parent / "report.json"
+        if not report_path.is_file():
+            raise FileNotFoundError(f"{report_path} not found: {onnx_dir} is not in an `fm export` folder "
+                                    f"(run `fm export`)")
+        files = json.loads(report_path.read_text()).get("files", {})
+        suffix = ".int8.onnx" if int8 else ".onnx"
+        paths, shas = [], []
+        for graph in ("prefill", "decode"):
+            key = f"{onnx_dir.name}/{graph}{suffix}"
+            if key not in files:
+                raise ValueError(f"{report_path} lists no {key}: it cannot vouch for {onnx_dir / (graph + suffix)} "
+                                 f"(rerun `fm export`)")
+            paths.append(onnx_dir / f"{graph}{suffix}")
+            shas.append(files[key]["sha256"])
+        return cls(*paths, prefill_sha256=shas[0], decode_sha256=shas[1], intra_op_threads=intra_op_threads)
+
+    def generate(self, ids: list[int], max_new_tokens: int, eos_id: int | None = None, *, stop_ids=(),
+                 temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+                 generator: torch.Generator | None = None, on_token=None) -> list[int]:
+        """ids followed by up to max_new_tokens new tokens: Decoder.generate for one row (same sampling and
+        settings; greedy by default). Ends after emitting one of stop_ids or eos_id (that token is the
+        last one returned). on_token(token_id) is called with each new token as it is chosen (streaming)."""
+        from fm.generation import check_sampling, sample_token, stop_ids_with
+
+        check_sampling(temperature, top_k, top_p)
         if not ids:
             raise ValueError("generate needs at least one prompt token")
         if len(ids) + max_new_tokens > self.seq_len:
             raise ValueError(f"prompt ({len(ids)}) + max_new_tokens ({max_new_tokens}) exceeds seq_len={self.seq_len}")
+        stops = set(stop_ids_with(eos_id, stop_ids))
         out = list(ids)
         if max_new_tokens <= 0:
             return out
         logits, keys, values = self.prefill.run(OUTPUTS, {"ids": np.asarray([ids], dtype=np.int64)})  # (1, T, V)
         for step in range(max_new_tokens):
-            next_id = int(logits[0, -1].argmax())
+            next_id = int(sample_token(torch.from_numpy(logits[:, -1]), temperature, top_k, top_p, generator))
             out.append(next_id)
-            if next_id == eos_id or step == max_new_tokens - 1:
+            if on_token is not None:
+                on_token(next_id)
+            if next_id in stops or step == max_new_tokens - 1:
                 break
             feeds = {"ids": np.asarray([[next_id]], dtype=np.int64), "past_keys": keys, "past_values": values}
             logits, keys, values = self.decode.run(OUTPUTS, feeds)  # (1, 1, V), caches one position longer

@@ -445,40 +445,47 @@ class Decoder(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-                 eos_id: int | None = None, domains=None):
+                 eos_id: int | None = None, domains=None, *, top_p: float | None = None, stop_ids=(),
+                 generator: torch.Generator | None = None, on_token=None):
         """Append up to max_new_tokens tokens to idx (B, T) with a KV cache; temperature 0 is greedy.
 
-        Sampling is from softmax(logits / temperature), restricted to the top_k most likely tokens if
-        given. With eos_id, a row that emitted it is padded with eos_id and generation stops once every
-        row has. domains: (B,) for domain-routed MoE models. Returns (B, T + new) token ids.
+        Each token is drawn by fm.generation.sample_token: softmax(logits / temperature) cut to the
+        top_k most likely tokens and then to the top_p nucleus if given, drawn from `generator` (a
+        seeded torch.Generator reproduces the tokens; None: torch's global RNG). A row that emits one of
+        stop_ids or eos_id keeps that token and repeats it as padding from then on; generation ends
+        once every row has stopped. on_token(next_id (B, 1)) is called with each step's tokens as they
+        are chosen (streaming). domains: (B,) for domain-routed MoE models. Returns (B, T + new) ids.
         """
+        from fm.generation import check_sampling, stop_ids_with
+
         if not self.cfg.causal:
             raise ValueError("generate needs a causal model")
+        check_sampling(temperature, top_k, top_p)
         B, T = idx.shape
         if T + max_new_tokens > self.cfg.seq_len:
             raise ValueError(f"prompt ({T}) + max_new_tokens ({max_new_tokens}) exceeds seq_len={self.cfg.seq_len}")
+        stops = torch.tensor(stop_ids_with(eos_id, stop_ids), dtype=torch.long, device=idx.device)  # (S,)
         cache = KVCache(self.cfg, B, T + max_new_tokens, device=idx.device, dtype=self.tok_emb.weight.dtype)
         logits, _, _ = self(idx, domains=domains, kv_cache=cache)  # prefill: (B, T, V)
         done = torch.zeros(B, dtype=torch.bool, device=idx.device)
         out = [idx]
         for step in range(max_new_tokens):
-            next_id = sample(logits[:, -1], temperature, top_k)  # (B, 1)
-            if eos_id is not None:
-                next_id = next_id.masked_fill(done[:, None], eos_id)
-                done |= next_id[:, 0] == eos_id
+            next_id = sample(logits[:, -1], temperature, top_k, top_p, generator)  # (B, 1)
+            if len(stops):
+                next_id = torch.where(done[:, None], out[-1][:, -1:], next_id)  # a stopped row repeats its stop id
+                done |= torch.isin(next_id[:, 0], stops)
             out.append(next_id)
-            if step == max_new_tokens - 1 or (eos_id is not None and bool(done.all())):
+            if on_token is not None:
+                on_token(next_id)
+            if step == max_new_tokens - 1 or (len(stops) > 0 and bool(done.all())):
                 break
             logits, _, _ = self(next_id, domains=domains, kv_cache=cache, start_pos=T + step)  # (B, 1, V)
         return torch.cat(out, dim=1)
 
 
-def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None) -> torch.Tensor:
-    """One token id per row of logits (B, V) -> (B, 1); temperature 0 takes the argmax."""
-    if temperature == 0:
-        return logits.argmax(dim=-1, keepdim=True)
-    logits = logits / temperature
-    if top_k is not None:
-        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # (B, 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    return torch.multinomial(logits.softmax(dim=-1), num_samples=1)
+def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+           generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token id per row of logits (B, V) -> (B, 1); temperature 0 takes the argmax (fm.generation.sample_token)."""
+    from fm.generation import sample_token
+
+    return sample_token(logits, temperature, top_k, top_p, generator)
