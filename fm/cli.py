@@ -37,9 +37,9 @@ app = typer.Typer(
 )
 console = Console(stderr=True)
 
-RawOpt = Annotated[Optional[Path], typer.Option("--raw", help=f"Raw corpus folder (text/, code/, image_text/, triples/). [default: <project>/{DVC_RAW}]", show_default=False)]
-WorkdirOpt = Annotated[Optional[Path], typer.Option("--workdir", help=f"Where layers 02_ingested .. 08_reports are written. [default: <project>/{DVC_WORKDIR}]", show_default=False)]
-ParamsOpt = Annotated[Optional[Path], typer.Option("--params", help=f"The params file: one section per stage. [default: <project>/{DVC_PARAMS}]", show_default=False)]
+RawOpt = Annotated[Optional[Path], typer.Option("--raw", help=f"Raw corpus folder (text/, code/, image_text/, triples/). (default: <project>/{DVC_RAW})", show_default=False)]
+WorkdirOpt = Annotated[Optional[Path], typer.Option("--workdir", help=f"Where layers 02_ingested .. 08_reports are written. (default: <project>/{DVC_WORKDIR})", show_default=False)]
+ParamsOpt = Annotated[Optional[Path], typer.Option("--params", help=f"The params file: one section per stage. (default: <project>/{DVC_PARAMS})", show_default=False)]
 SetOpt = Annotated[
     Optional[list[str]],
     typer.Option("--set", help="Override a setting for this run, e.g. --set curate.jaccard_threshold=0.7 or "
