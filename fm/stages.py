@@ -121,7 +121,8 @@ STAGES: dict[str, Stage] = {
               deps=(*(f"06_models/student/{f}" for f in MODEL_FILES), "06_models/sft/models", "06_models/clip/model.safetensors",
                     "06_models/clip/config.json", "06_models/clip/tokenizer.json", "05_tokens/shards",
                     "06_models/pretrain/config.json"),
-              outs=("07_export/onnx", "07_export/hf", "07_export/teacher", "07_export/clip"), metrics=("07_export/report.json",)),
+              outs=("07_export/onnx", "07_export/hf", "07_export/teacher", "07_export/clip", "07_export/pruned"),
+              metrics=("07_export/report.json",)),
     )
 }
 

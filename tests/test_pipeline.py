@@ -49,7 +49,8 @@ def tiny_params(path: Path) -> None:
                              ckpt_every=2, retrieval_images=2, threads=1)
     # an untrained tiny student's next-token choices are near ties: int8 agreement is not a gate here
     params["export"].update(windows=2, window_len=16, prompts=1, generate_tokens=4, min_int8_agreement=0.0,
-                            calibration_windows=2)
+                            calibration_windows=2, prune={"enabled": True, "calibration_windows": 2, "recovery_steps": 2,
+                                                          "batch_size": 1})
     path.write_text(yaml.safe_dump(params, sort_keys=False, allow_unicode=True))
 
 
@@ -176,6 +177,10 @@ def test_fm_run_then_each_kind_of_edit_reruns_exactly_the_stale_stages(project):
 
     paths = Paths(project / "data" / "01_raw", project / "data")
     report = (project / "data" / "07_export" / "report.json").read_bytes()
+    models = json.loads(report)["models"]
+    assert set(models) == {"student", "teacher", "pruned", "clip"}
+    assert models["pruned"]["prune"]["ffn_hidden"] == {"before": 64, "after": 32}  # keep 0.5 of the tiny student's MLP
+    assert models["pruned"]["recovery"]["steps"] == 2 and (project / "data" / "07_export" / "pruned" / "onnx" / "decode.int8.onnx").is_file()
     tiny = load_params(project / "params.yaml")
     with pytest.raises(ValueError, match="student.fp32_max_abs_logit_diff"):
         export(dataclasses.replace(tiny.export, max_logit_diff=1e-30), tiny.sft, paths)

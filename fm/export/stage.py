@@ -11,6 +11,9 @@ so a failed export leaves the previous one intact):
     07_export/hf/                                        weights transformers loads as LlamaForCausalLM (fm.export.hf)
     07_export/teacher/{onnx,hf}/                         the same for the tuned teacher (export.teacher)
     07_export/clip/image.onnx, text.onnx                 the CLIP towers (export.clip; fm.export.clip)
+    07_export/pruned/onnx/                               the student with MLP channels pruned (export.prune.enabled,
+                                                         off by default; fm.export.prune), its graphs and figures
+    (a folder of something switched off holds disabled.json saying so: dvc.yaml declares it)
     07_export/report.json                                the gates and their figures, every file's size and sha256
 
 int8: with export.int8 "auto" both onnxruntime methods are built, dynamic (activations quantized per
@@ -169,6 +172,35 @@ def export_clip_towers(paths: Paths, dest: Path, cfg: ExportConfig) -> dict:
             "gates": {"fp32_max_abs_embedding_diff": _gate(diff, cfg.max_logit_diff)}}
 
 
+def _train_windows(paths: Paths, cfg: ExportConfig, seq_len: int, batch_size: int, batches: int, seed: int) -> list:
+    """`batches` (x, y) batches of batch_size training windows (the train split of the pretraining shards)."""
+    pretrain = json.loads((paths.models / "pretrain" / "config.json").read_text())["pretrain"]
+    loader = TokenLoader(paths.tokens / "shards", min(cfg.window_len, seq_len), batch_size, pretrain.get("mix") or None,
+                         seed, split="train", val_fraction=pretrain.get("val_fraction", 0.02) or 0.02)
+    return [loader.next_batch()[:2] for _ in range(batches)]
+
+
+def export_pruned(student: Decoder, paths: Paths, dest: Path, evaluation: torch.Tensor, calibration: torch.Tensor,
+                  cfg: ExportConfig) -> dict:
+    """Prune the student's MLP channels (export.prune), recover, export like the student; figures against it."""
+    from fm.export.prune import evaluate, prune_mlp, recover
+
+    opts = cfg.prune
+    seq_len = student.cfg.seq_len
+    calib = _train_windows(paths, cfg, seq_len, opts["calibration_windows"], 1, cfg.seed + 2)[0][0]  # (N, L)
+    pruned, info = prune_mlp(student, opts["keep_fraction"], [calib], opts["multiple_of"])
+    losses = []
+    if opts["recovery_steps"]:
+        batches = _train_windows(paths, cfg, seq_len, opts["batch_size"], opts["recovery_steps"], cfg.seed + 3)
+        losses = recover(pruned, student, batches, opts["recovery_steps"], opts["lr"], seed=cfg.seed)
+    pruned.eval()
+    entry = export_lm(pruned, dest, evaluation, calibration, cfg)
+    vs_student = evaluate(pruned, evaluation, reference=student)
+    return {**entry, "prune": info, "recovery": {"steps": len(losses), "first_loss": losses[0] if losses else None,
+                                                 "last_loss": losses[-1] if losses else None},
+            "vs_student": vs_student, "parameters": sum(p.numel() for p in pruned.parameters())}
+
+
 def export(cfg: ExportConfig, sft: SftConfig, paths: Paths) -> dict:
     """Export 06_models/student (and the teacher, and CLIP) to 07_export/ and check it; ValueError naming the
     broken gate (nothing published)."""
@@ -192,6 +224,7 @@ def export(cfg: ExportConfig, sft: SftConfig, paths: Paths) -> dict:
     files: dict = {}
     with atomic_dir(out) as tmp:
         for name, folder in sources.items():
+            began = time.perf_counter()
             model, _ = load_pretrained(folder)
             model.eval()
             seq_len = model.cfg.seq_len
@@ -207,12 +240,22 @@ def export(cfg: ExportConfig, sft: SftConfig, paths: Paths) -> dict:
             files.update({f"{prefix}hf/{k}": v for k, v in hf["files"].items()})
             report["models"][name] = {"source": str(folder), "heldout_windows": list(evaluation.shape),
                                       "source_sha256": json.loads((folder / "config.json").read_text())["weights"]["sha256"],
-                                      "parameters": sum(p.numel() for p in model.parameters()), **entry}
-        for name, enabled in (("teacher", cfg.teacher), ("clip", cfg.clip)):
+                                      "parameters": sum(p.numel() for p in model.parameters()), **entry,
+                                      "seconds": round(time.perf_counter() - began, 2)}
+            if name == "student" and cfg.prune["enabled"]:
+                began = time.perf_counter()
+                entry = export_pruned(model, paths, tmp / "pruned", evaluation, calibration, cfg)
+                files.update({f"pruned/onnx/{k}": {"bytes": (tmp / "pruned" / "onnx" / k).stat().st_size, "sha256": v}
+                              for k, v in entry.pop("sha256").items()})
+                report["models"]["pruned"] = {"source": f"{folder}, pruned by export.prune", **entry,
+                                              "seconds": round(time.perf_counter() - began, 2)}
+        for name, enabled in (("teacher", cfg.teacher), ("clip", cfg.clip), ("pruned", cfg.prune["enabled"])):
             if not enabled:  # the folder is a declared output (dvc.yaml): it says why it is empty
                 write_json({"exported": False, "reason": f"export.{name} is false"}, tmp / name / "disabled.json")
         if cfg.clip:
+            began = time.perf_counter()
             entry = export_clip_towers(paths, tmp / "clip", cfg)
+            entry["seconds"] = round(time.perf_counter() - began, 2)
             files.update({f"clip/{k}": {"bytes": (tmp / "clip" / k).stat().st_size, "sha256": v}
                           for k, v in entry.pop("sha256").items()})
             report["models"]["clip"] = entry
@@ -235,9 +278,14 @@ def export(cfg: ExportConfig, sft: SftConfig, paths: Paths) -> dict:
                "cached_decode": f"{student['gates']['cached_decode_equals_recompute']['value']}/{cfg.prompts} prompts equal"}
     if "teacher" in report["models"]:
         summary["teacher_int8_top1_agreement"] = round(report["models"]["teacher"]["gates"]["int8_top1_agreement"]["value"], 4)
+    if "pruned" in report["models"]:
+        pruned = report["models"]["pruned"]
+        summary["pruned"] = {"ffn_hidden": pruned["prune"]["ffn_hidden"], "parameters": pruned["parameters"],
+                             "heldout_perplexity": round(pruned["vs_student"]["perplexity"], 4),
+                             "top1_agreement_with_student": round(pruned["vs_student"]["top1_agreement"], 4)}
     if "clip" in report["models"]:
         summary["clip_max_abs_embedding_diff"] = round(report["models"]["clip"]["gates"]["fp32_max_abs_embedding_diff"]["value"], 8)
-    summary.update({"seconds": report["seconds"], "outputs": [str(out)]})
+    summary.update({"student_seconds": student["seconds"], "seconds": report["seconds"], "outputs": [str(out)]})
     return summary
 
 
