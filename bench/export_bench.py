@@ -73,6 +73,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from fm.export.onnx import OnnxGenerator, export_decode, export_prefill, load_session  # noqa: E402
 from fm.models.decoder import PRESETS, Decoder, ModelConfig  # noqa: E402
+from fm.models.inference import cpu_inference_copy  # noqa: E402
 
 SEQ, PROMPT, NEW_TOKENS = 128, 32, 64
 GRAPHS = ("prefill", "decode")
@@ -522,7 +523,7 @@ def main(argv: list[str] | None = None) -> int:
         sessions = {name: load_session(g["prefill"][0], g["prefill"][1], args.threads) for name, g in files.items()}
         with torch.inference_mode():
             ref = model(x)[0]  # (1, SEQ, V)
-            outs = {"hf torch": hf(input_ids=x, use_cache=False).logits}
+            outs = {"fm torch onednn": cpu_inference_copy(model)(x)[0], "hf torch": hf(input_ids=x, use_cache=False).logits}
             if lit is not None:
                 outs["litgpt torch"] = lit(x)
         outs.update({f"ort {n}": torch.from_numpy(s.run(["logits"], {"ids": x_np})[0]) for n, s in sessions.items()})
@@ -531,7 +532,8 @@ def main(argv: list[str] | None = None) -> int:
                                     for name, o in outs.items()}
 
         # Latency: batch 1, SEQ tokens, interleaved.
-        fns = {"fm torch": lambda: model(x), "hf torch": lambda: hf(input_ids=x, use_cache=False)}
+        fast = cpu_inference_copy(model)  # fm's CPU inference path: linears on oneDNN (fm/models/inference.py)
+        fns = {"fm torch": lambda: model(x), "fm torch onednn": lambda: fast(x), "hf torch": lambda: hf(input_ids=x, use_cache=False)}
         if lit is not None:
             fns["litgpt torch"] = lambda: lit(x)
         for name, session in sessions.items():
@@ -551,6 +553,7 @@ def main(argv: list[str] | None = None) -> int:
         prompt = torch.randint(0, cfg.vocab_size, (1, PROMPT), generator=gen)  # (1, PROMPT)
         mask = torch.ones_like(prompt)
         generators = {"fm torch": lambda: model.generate(prompt, NEW_TOKENS, temperature=0)[0].tolist(),
+                      "fm torch onednn": lambda: fast.generate(prompt, NEW_TOKENS, temperature=0)[0].tolist(),
                       "hf generate": lambda: hf.generate(input_ids=prompt, attention_mask=mask, max_new_tokens=NEW_TOKENS,
                                                          do_sample=False, use_cache=True)[0].tolist()}
         if lit is not None:
@@ -608,12 +611,18 @@ def check_targets(report: dict) -> list[dict]:
                     "value": f"{lat['fm torch']['ms']} vs {lat[fastest]['ms']} ms "
                              f"(fastest call {lat['fm torch']['best_call_ms']} vs {lat[fastest]['best_call_ms']})",
                     "met": lat["fm torch"]["ms"] <= lat[fastest]["ms"]})
+        if "fm torch onednn" in lat:
+            out.append({"target": f"fm torch forward, CPU inference copy (oneDNN) <= fastest peer ({fastest})",
+                        "value": f"{lat['fm torch onednn']['ms']} vs {lat[fastest]['ms']} ms (fastest call "
+                                 f"{lat['fm torch onednn']['best_call_ms']} vs {lat[fastest]['best_call_ms']})",
+                        "met": lat["fm torch onednn"]["ms"] <= lat[fastest]["ms"]})
     gen_peers = [n for n in ("hf generate", "litgpt torch") if n in gen]
     fastest = max(gen_peers, key=lambda n: gen[n]["tokens_per_s"])
-    out.append({"target": f"fm cached generation >= fastest peer ({fastest})",
-                "value": f"{gen['fm torch']['tokens_per_s']} vs {gen[fastest]['tokens_per_s']} tokens/s "
-                         f"(fastest call {gen['fm torch']['best_call_tokens_per_s']} vs {gen[fastest]['best_call_tokens_per_s']})",
-                "met": gen["fm torch"]["tokens_per_s"] >= gen[fastest]["tokens_per_s"]})
+    for name in [n for n in ("fm torch", "fm torch onednn") if n in gen]:
+        out.append({"target": f"{name} cached generation >= fastest peer ({fastest})",
+                    "value": f"{gen[name]['tokens_per_s']} vs {gen[fastest]['tokens_per_s']} tokens/s "
+                             f"(fastest call {gen[name]['best_call_tokens_per_s']} vs {gen[fastest]['best_call_tokens_per_s']})",
+                    "met": gen[name]["tokens_per_s"] >= gen[fastest]["tokens_per_s"]})
     scores = report.get("student", {}).get("scores", {})
     for name in [n for n in lat if n.startswith("ort ") and n != "ort fp32"]:
         agree = scores.get(name, {}).get("top1_vs_fp32")
