@@ -7,6 +7,8 @@
     fm plan                                      rank map and memory per rank of the pretrain layout
     fm dvc-yaml                                  write (or --check) dvc.yaml from the stage table
     fm registry                                  rebuild the run registry (fm.duckdb) from the outputs
+    fm runs                                      the runs the registry recorded
+    fm compare RUN_A RUN_B                       metric differences between two evaluated runs
 
 Every command takes --raw DIR, --workdir DIR, --params FILE and repeatable --set
 section.key=value overrides; params.yaml stays the single source of settings. Default paths
@@ -23,6 +25,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 from rich.markup import escape
+from rich.table import Table
 
 from fm.config import describe_section
 from fm.dvcstate import DVC_PARAMS, DVC_RAW, DVC_WORKDIR, RunContext, find_root
@@ -186,6 +189,14 @@ def run(
         if summary.get("status") != "skipped":
             line += f" {summary.get('seconds', 0):7.1f} s"
         console.print(line + (f"  {summary['note']}" if summary.get("note") else ""), soft_wrap=True)
+    metrics = ctx.paths.workdir / "08_reports" / "metrics.json"
+    if metrics.is_file() and any(s["stage"] == "evaluate" for s in summaries):
+        import json
+
+        from fm.eval.stage import summary_markdown
+
+        print("\n" + summary_markdown(json.loads(metrics.read_text())), end="")  # Markdown: readable, and pastes as a table
+        console.print(f"report: {metrics.parent / 'report.html'}", soft_wrap=True)
 
 
 @app.command("serve")
@@ -243,6 +254,56 @@ def registry_cmd(workdir: WorkdirOpt = None) -> None:
     ctx = run_context(None, workdir, None, None)
     built = refresh(ctx.paths)
     console.print(f"{ctx.paths.duckdb}: rebuilt {', '.join(built) or 'no tables (no outputs yet)'}")
+
+
+@app.command("runs")
+def runs_cmd(
+    limit: Annotated[int, typer.Option(help="How many runs to list, newest first.")] = 20,
+    workdir: WorkdirOpt = None,
+) -> None:
+    """List the runs recorded in the registry (<workdir>/fm.duckdb): id, seconds, stages ran/skipped/failed, metrics."""
+    from fm.registry import list_runs
+
+    ctx = run_context(None, workdir, None, None)
+    rows = list_runs(ctx.paths, limit)
+    if not rows:
+        console.print(f"no runs recorded in {ctx.paths.duckdb} yet: `fm run` records one")
+        return
+    table = Table(caption="run id = its UTC start (YYYYMMDD-HHMMSS) and 4 random hex digits")
+    for name in ("run", "seconds", "ran", "skipped", "failed", "metrics"):
+        table.add_column(name, no_wrap=True)
+    for r in rows:
+        table.add_row(r["run_id"], f"{r['seconds']:.1f}", str(r["ran"]), str(r["skipped"]), str(r["failed"]),
+                      str(r["metrics"]))
+    console.print(table)
+
+
+@app.command("compare")
+def compare_cmd(
+    run_a: Annotated[str, typer.Argument(help="A run id (or a unique prefix), `latest` or `latest~N` (N evaluated runs back).")],
+    run_b: Annotated[str, typer.Argument(help="The run to set against it, the same way.")],
+    all_rows: Annotated[bool, typer.Option("--all", help="Also the metrics that did not change.")] = False,
+    workdir: WorkdirOpt = None,
+) -> None:
+    """Print the metric differences between two evaluated runs (b - a), from the registry's run_metrics."""
+    from fm.registry import compare_runs
+
+    ctx = run_context(None, workdir, None, None)
+    try:
+        a, b, rows = compare_runs(ctx.paths, run_a, run_b)
+    except ValueError as e:
+        raise fail("compare", e)
+    table = Table(caption=f"a = {a}, b = {b}")
+    for name in ("model", "metric", "split", "a", "b", "b - a"):
+        table.add_column(name, no_wrap=name != "metric", overflow="fold")
+    shown = 0
+    for r in rows:
+        if not all_rows and r["a"] is not None and r["b"] is not None and abs(r["diff"]) < 1e-12:
+            continue
+        fmt = lambda v: "-" if v is None else f"{v:.6g}"  # noqa: E731
+        table.add_row(r["model"], r["metric"], r["split"], fmt(r["a"]), fmt(r["b"]), fmt(r["diff"]))
+        shown += 1
+    console.print(table if shown else f"{a} and {b}: every metric is the same ({len(rows)} compared)")
 
 
 @app.command("plan")

@@ -438,6 +438,32 @@ def _training_checks(section: str, cfg) -> None:
 
 
 @dataclass(frozen=True)
+class EvaluateConfig:
+    qa_items: int = 500  # held-out multiple-choice items every model is scored on (0: all)
+    batch_size: int = 16  # rows per forward when scoring (the scores do not depend on it)
+    bias: bool = True  # the minimal-pairs bias probe (fm/eval/bias.py) on every model
+    ppl_window: int = 128  # held-out perplexity: tokens per window
+    ppl_windows_per_group: int = 16  # windows per (modality, source, language) group (0: no perplexity)
+    icl_items: int = 120  # held-out knowledge and definition items for in-context learning (0: none)
+    kshot: tuple = (0, 1, 4)  # demonstrations per prompt: the k-shot curve
+    rag_top_k: int = 3  # retrieved triples before the question (0: no retrieval run)
+    icl_models: tuple = ("pretrained", "student", "student_int8")  # the models the k-shot curve and retrieval run on
+    seed: int = 0
+
+    def __post_init__(self):
+        _positive(self, "batch_size", "ppl_window")
+        if self.ppl_windows_per_group < 0:
+            raise ValueError(f"evaluate.ppl_windows_per_group must be >= 0, got {self.ppl_windows_per_group}")
+        object.__setattr__(self, "kshot", tuple(int(k) for k in self.kshot))
+        object.__setattr__(self, "icl_models", tuple(self.icl_models))
+        if any(k < 0 for k in self.kshot) or self.icl_items < 0 or self.rag_top_k < 0:
+            raise ValueError(f"evaluate: kshot, icl_items and rag_top_k must be >= 0, got {list(self.kshot)}, "
+                             f"{self.icl_items}, {self.rag_top_k}")
+        if self.qa_items < 0:
+            raise ValueError(f"evaluate.qa_items must be >= 0 (0: all), got {self.qa_items}")
+
+
+@dataclass(frozen=True)
 class ScheduleConfig:
     """When `fm serve` runs the whole pipeline by itself (read by fm serve, not by a stage)."""
 
@@ -464,6 +490,7 @@ class Params:
     sft: SftConfig = field(default_factory=SftConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
 
 

@@ -21,7 +21,7 @@ import logging
 import os
 import threading
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
@@ -44,6 +44,14 @@ def find_root(start: str | os.PathLike) -> Path | None:
     return None
 
 
+def new_run_id() -> str:
+    """A run id that sorts by start time: UTC timestamp and 4 random hex digits, e.g. 20261201-213015-9f3a."""
+    import secrets
+    import time
+
+    return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + secrets.token_hex(2)
+
+
 @dataclass(frozen=True)
 class RunContext:
     """What a run was asked to do: its paths, params file and overrides (all as given)."""
@@ -52,6 +60,7 @@ class RunContext:
     workdir: str
     params_file: str
     overrides: tuple[str, ...] = ()
+    run_id: str = field(default_factory=lambda: new_run_id())  # one per `fm run` / `fm <stage>`: the registry's run
 
     @property
     def paths(self) -> Paths:

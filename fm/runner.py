@@ -85,7 +85,8 @@ def execute_stage(name: str, ctx: RunContext, force: bool = False, skip_current:
     paths = ctx.paths
     if skip_current and not force and stage_is_current(ctx, name):
         summary = {"stage": name, "status": "skipped", "note": "up to date in dvc.lock (use --force to rerun)"}
-        registry.log_run(paths, name, "skipped", started, False, summary["note"], list(ctx.overrides), summary)
+        registry.log_run(paths, name, "skipped", started, False, summary["note"], list(ctx.overrides), summary,
+                         ctx.run_id)
         return summary
     params = ctx.params()
     marker = _marker(paths, name)
@@ -98,7 +99,8 @@ def execute_stage(name: str, ctx: RunContext, force: bool = False, skip_current:
         with (TRAINING_LOCK if STAGES[name].trains else nullcontext()):
             summary = run_stage(name, params, paths, fresh=force and STAGES[name].trains)
     except BaseException as e:
-        registry.log_run(paths, name, "failed", started, False, f"{type(e).__name__}: {e}"[:500], list(ctx.overrides), {})
+        registry.log_run(paths, name, "failed", started, False, f"{type(e).__name__}: {e}"[:500], list(ctx.overrides), {},
+                         ctx.run_id)
         raise
     marker.unlink(missing_ok=True)
     summary["status"] = "ran"
@@ -109,5 +111,6 @@ def execute_stage(name: str, ctx: RunContext, force: bool = False, skip_current:
         if not recorded and why:
             summary["note"] = f"not recorded in dvc.lock: {why}"
     registry.refresh(paths, [name])
-    registry.log_run(paths, name, "ran", started, recorded, summary.get("note", ""), list(ctx.overrides), summary)
+    registry.log_run(paths, name, "ran", started, recorded, summary.get("note", ""), list(ctx.overrides), summary,
+                     ctx.run_id)
     return summary

@@ -29,6 +29,7 @@ from fm.data.instructions import instructions
 from fm.data.shards import write_shards
 from fm.data.tokenizer import train_tokenizer
 from fm.data.validate import validate
+from fm.eval.stage import evaluate
 from fm.export.stage import export
 from fm.paths import Paths
 from fm.recipes.pretrain import pretrain
@@ -52,6 +53,7 @@ class Stage:
     retries: int = 0  # retries on I/O errors (stages that read user files)
     trains: bool = False  # a training stage: --force trains from scratch (run(..., fresh=True))
     tables: dict = field(default_factory=dict)  # registry tables (fm.duckdb) rebuilt from its outputs
+    run_metrics: str = ""  # a CSV of model, metric, split, value, baseline rows kept per run (fm runs / fm compare)
 
     @property
     def module(self) -> str:
@@ -123,6 +125,15 @@ STAGES: dict[str, Stage] = {
                     "06_models/pretrain/config.json"),
               outs=("07_export/onnx", "07_export/hf", "07_export/teacher", "07_export/clip", "07_export/pruned"),
               metrics=("07_export/report.json",)),
+        Stage("evaluate", evaluate, "Score every model of the run on held-out data, chance levels beside; 08_reports/.",
+              upstream=("export", "caption"), sections=("evaluate",),
+              deps=(*(f"06_models/pretrain/{f}" for f in MODEL_FILES), "06_models/sft/models",
+                    *(f"06_models/student/{f}" for f in MODEL_FILES), "07_export/onnx", "07_export/hf", "07_export/teacher",
+                    "07_export/pruned", "07_export/report.json", "06_models/clip/summary.json",
+                    "06_models/caption/summary.json", "05_instructions", "05_tokens/shards"),
+              outs=("08_reports/metrics.csv", "08_reports/report.html", "07_export/MODEL_CARD.md"),
+              metrics=("08_reports/metrics.json",),
+              tables={"eval_metrics": "08_reports/metrics.csv"}, run_metrics="08_reports/metrics.csv"),
     )
 }
 

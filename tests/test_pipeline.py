@@ -33,7 +33,7 @@ def tiny_params(path: Path) -> None:
     params = yaml.safe_load(path.read_text())
     params["tokenize"].update(vocab_size=300, min_frequency=1)
     params["validate"]["min_pass_rate"] = 0.5
-    params["pretrain"].update(preset="tiny", model={"n_layer": 1, "d_model": 32, "n_head": 2}, seq_len=64,
+    params["pretrain"].update(preset="tiny", model={"n_layer": 1, "d_model": 32, "n_head": 2}, seq_len=64, val_fraction=0.2,
                               batch_size=2, max_steps=4, warmup_steps=1, eval_every=2, eval_batches=1,
                               ckpt_every=2, peak_tflops=1.0, threads=1)
     params["sft"].update(methods=["lora", "prompt"], batch_size=1, max_steps=2, warmup_steps=0, eval_every=2,
@@ -51,6 +51,7 @@ def tiny_params(path: Path) -> None:
     params["export"].update(windows=2, window_len=16, prompts=1, generate_tokens=4, min_int8_agreement=0.0,
                             calibration_windows=2, prune={"enabled": True, "calibration_windows": 2, "recovery_steps": 2,
                                                           "batch_size": 1})
+    params["evaluate"].update(qa_items=4, icl_items=4, kshot=[0, 1], ppl_window=16, ppl_windows_per_group=1, batch_size=4)
     path.write_text(yaml.safe_dump(params, sort_keys=False, allow_unicode=True))
 
 
@@ -133,7 +134,7 @@ def test_fm_run_then_each_kind_of_edit_reruns_exactly_the_stale_stages(project):
     # caption the image shards); sft reads pretrain's model, which a rerun exports again byte for byte: it stays skipped
     with open(project / "fm" / "data" / "shards.py", "a") as f:
         f.write("\n# an edit\n")
-    reads_shards = {"shard", "pretrain", "pretrain_clip", "caption", "distill", "export"}
+    reads_shards = {"shard", "pretrain", "pretrain_clip", "caption", "distill", "export", "evaluate"}
     assert stale(project) == reads_shards
     assert ran(fm_run()) == reads_shards
     assert stale(project) == set()
@@ -150,13 +151,14 @@ def test_fm_run_then_each_kind_of_edit_reruns_exactly_the_stale_stages(project):
     params["tokenize"]["vocab_size"] = 290
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False, allow_unicode=True))
     assert stale(project) == {"tokenize"}
-    assert ran(fm_run()) == {"tokenize", "shard", "pretrain", "pretrain_clip", "caption", "sft", "distill", "export"}
+    assert ran(fm_run()) == {"tokenize", "shard", "pretrain", "pretrain_clip", "caption", "sft", "distill", "export",
+                             "evaluate"}
     assert stale(project) == set()
 
     # a --set override: only the stages whose sections it changes rerun, and nothing is recorded for them
     lock_before = (project / "dvc.lock").read_text()
     statuses = fm_run("--set", "pretrain.max_steps=3")
-    reads_pretrain = {"pretrain", "caption", "sft", "distill", "export"}  # pretrain and what reads its weights
+    reads_pretrain = {"pretrain", "caption", "sft", "distill", "export", "evaluate"}  # pretrain and what reads its weights
     assert ran(statuses) == reads_pretrain, statuses
     assert (project / "dvc.lock").read_text() == lock_before
     assert stale(project) == reads_pretrain  # the weights are not what params.yaml makes
@@ -169,6 +171,26 @@ def test_fm_run_then_each_kind_of_edit_reruns_exactly_the_stale_stages(project):
         f.write(json.dumps({"text": "A brand new document about a lighthouse keeper and her cat on a stormy night."}) + "\n")
     assert stale(project) == {"ingest"}
     assert ran(fm_run()) == set(STAGES)
+
+    # evaluate: every model of the run, each metric with its chance level; the registry holds the long table
+    metrics = json.loads((project / "data" / "08_reports" / "metrics.json").read_text())
+    assert set(metrics["models"]) == {"pretrained", "sft_lora", "sft_prompt", "student", "student_int8", "teacher_int8",
+                                      "pruned_int8"}
+    import pyarrow.parquet as pq
+
+    held_mc = [r for r in pq.read_table(project / "data" / "05_instructions" / "heldout.parquet").to_pylist() if r["options"]]
+    for name, entry in metrics["models"].items():
+        assert "overall" in entry["metrics"]["perplexity"] and set(entry["metrics"]["bias"]) == {"gender", "age"}, name
+        assert ("instruction_qa" in entry["metrics"]) == bool(held_mc), name  # the tiny corpus may hold out no item
+    assert "export" in metrics and "clip" in metrics and "caption" in metrics
+    assert (project / "data" / "08_reports" / "report.html").read_text().count("<svg") >= 4
+    assert "## " in (project / "data" / "07_export" / "MODEL_CARD.md").read_text()
+    import duckdb
+    con = duckdb.connect(str(project / "data" / "fm.duckdb"), read_only=True)
+    assert con.execute("select count(distinct model) from eval_metrics where metric = 'perplexity' "
+                   "and split = 'heldout'").fetchone()[0] >= 7
+    assert con.execute("select count(distinct run_id) from run_metrics").fetchone()[0] >= 1
+    con.close()
 
     # export: a broken gate fails the stage and leaves the published export as it was; a tampered file is named
     from fm.config import load_params
@@ -205,7 +227,7 @@ def test_dvc_repro_reruns_exactly_the_stale_stages_and_dvc_push_pull_restores_al
     assert repro_ran(project) == set()
     with open(project / "fm" / "data" / "shards.py", "a") as f:
         f.write("\n# an edit\n")
-    assert repro_ran(project) == {"shard", "pretrain", "pretrain_clip", "caption", "distill", "export"}
+    assert repro_ran(project) == {"shard", "pretrain", "pretrain_clip", "caption", "distill", "export", "evaluate"}
     with open(project / "data" / "01_raw" / "triples" / "facts.tsv", "a") as f:
         f.write("Rome\tcapital of\tItaly\ten\n")
     assert repro_ran(project) == set(STAGES)

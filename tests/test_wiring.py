@@ -120,10 +120,10 @@ def test_overrides_nested_and_bad_values():
 
 def test_select_stages_follows_the_dag():
     assert downstream("curate") == ["curate", "tokenize", "shard", "pretrain", "pretrain_clip", "caption", "instructions",
-                                    "sft", "distill", "export"]
-    assert downstream("pretrain") == ["pretrain", "caption", "sft", "distill", "export"]
-    assert downstream("pretrain_clip") == ["pretrain_clip", "caption", "export"]  # the multimodal branch; export has its towers
-    assert downstream("instructions") == ["instructions", "sft", "distill", "export"]  # a new instruction set retunes, never pretrains
+                                    "sft", "distill", "export", "evaluate"]
+    assert downstream("pretrain") == ["pretrain", "caption", "sft", "distill", "export", "evaluate"]
+    assert downstream("pretrain_clip") == ["pretrain_clip", "caption", "export", "evaluate"]  # the multimodal branch; export has its towers
+    assert downstream("instructions") == ["instructions", "sft", "distill", "export", "evaluate"]  # a new instruction set retunes, never pretrains
     assert ancestors("sft") == ["ingest", "validate", "curate", "tokenize", "shard", "pretrain", "instructions"]
     assert ancestors("ingest") == []
     assert select_stages(["shard", "ingest"]) == ["ingest", "shard"]

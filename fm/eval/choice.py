@@ -38,8 +38,10 @@ from fm.models.decoder import Decoder
 
 
 def _decoder(model: nn.Module) -> Decoder:
-    """The Decoder itself or the one an adapter wraps."""
-    if isinstance(model, Decoder):
+    """The Decoder itself or the one an adapter wraps (or an fm.export.onnx.OnnxLM: it has the Decoder's cfg)."""
+    from fm.export.onnx import OnnxLM
+
+    if isinstance(model, (Decoder, OnnxLM)):
         return model
     if isinstance(model, (PrefixTuning, PromptTuning)):
         return model.model

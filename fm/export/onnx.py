@@ -357,6 +357,30 @@ def graph_metadata(session) -> tuple[str, dict]:
     return props["fm.graph"], json.loads(props["fm.model_config"])
 
 
+class OnnxLM(nn.Module):
+    """A prefill graph on onnxruntime as a module that scores like a Decoder: forward(ids (B, T)) ->
+    (logits (B, T, V) float32 tensor, None, {}), with the exported model's cfg (ModelConfig). fm's
+    scorers (fm.eval.choice, held-out perplexity) take it as they take a torch model, so an int8 graph
+    is evaluated by the same code. The file is checked against sha256 as load_session does."""
+
+    def __init__(self, prefill_path: str | os.PathLike, sha256: str, intra_op_threads: int | None = None):
+        super().__init__()
+        from fm.models.decoder import ModelConfig
+
+        self.session = load_session(prefill_path, sha256, intra_op_threads)
+        kind, config = graph_metadata(self.session)
+        if kind != "prefill":
+            raise ValueError(f"{prefill_path} is a {kind} graph; OnnxLM scores with a prefill graph")
+        self.cfg = ModelConfig.from_dict({**config, "moe_layers": tuple(config["moe_layers"])})
+        self.path = Path(prefill_path)
+
+    def forward(self, ids: torch.Tensor, **unused):
+        if unused:
+            raise ValueError(f"an ONNX graph takes only token ids, got {sorted(unused)}")
+        logits = self.session.run(["logits"], {"ids": ids.detach().cpu().numpy().astype(np.int64)})[0]
+        return torch.from_numpy(logits), None, {}
+
+
 class OnnxGenerator:
     """Generation with a prefill and a decode graph on onnxruntime's CPU provider: greedy or sampled, as
     Decoder.generate does for one row (the same fm.generation.sample_token draws every token).

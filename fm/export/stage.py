@@ -251,7 +251,8 @@ def export(cfg: ExportConfig, sft: SftConfig, paths: Paths) -> dict:
                                               "seconds": round(time.perf_counter() - began, 2)}
         for name, enabled in (("teacher", cfg.teacher), ("clip", cfg.clip), ("pruned", cfg.prune["enabled"])):
             if not enabled:  # the folder is a declared output (dvc.yaml): it says why it is empty
-                write_json({"exported": False, "reason": f"export.{name} is false"}, tmp / name / "disabled.json")
+                setting = "export.prune.enabled" if name == "pruned" else f"export.{name}"
+                write_json({"exported": False, "reason": f"{setting} is false"}, tmp / name / "disabled.json")
         if cfg.clip:
             began = time.perf_counter()
             entry = export_clip_towers(paths, tmp / "clip", cfg)
