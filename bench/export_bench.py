@@ -377,25 +377,14 @@ def version(name: str) -> str | None:
 def student_windows(student_dir: Path, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(held-out (N, L), calibration (8, L)) token windows: the export stage's own held-out windows (the
     validation split of the pretraining shards, params.yaml's export section) and 8 from the training split."""
-    import dataclasses
-
-    import yaml
-
-    from fm.config import ExportConfig
-    from fm.data.loader import TokenLoader
-    from fm.export.stage import _windows
+    from fm.config import load_params
+    from fm.export.stage import _loader, _windows
     from fm.paths import Paths
 
-    params = ROOT / "params.yaml"
-    section = (yaml.safe_load(params.read_text()) or {}).get("export") or {} if params.is_file() else {}
-    # The fields this ExportConfig knows (the export section may be ahead of it while the stage grows).
-    cfg = ExportConfig(**{f.name: section[f.name] for f in dataclasses.fields(ExportConfig) if f.name in section})
+    cfg = load_params(ROOT / "params.yaml").export
     paths = Paths(workdir=student_dir.parents[1])
     heldout = _windows(paths, cfg, seq_len)
-    pretrain = json.loads((paths.models / "pretrain" / "config.json").read_text())["pretrain"]
-    loader = TokenLoader(paths.tokens / "shards", heldout.shape[1], 8, pretrain.get("mix") or None, cfg.seed,
-                         split="train", val_fraction=pretrain.get("val_fraction", 0.02) or 0.02)
-    return heldout, loader.next_batch()[0]
+    return heldout, _loader(paths, cfg, seq_len, 8, cfg.seed, "train").next_batch()[0]
 
 
 def bench_student(student_dir: Path, variants: list, threads: int, tmp: Path) -> dict:

@@ -12,7 +12,7 @@ import onnx
 import pytest
 import torch
 
-from fm.export.onnx import (OUTPUTS, OnnxGenerator, export_decode, export_prefill, fold_weight_transposes,
+from fm.export.onnx import (OUTPUTS, OnnxGenerator, OnnxLM, export_decode, export_prefill, fold_weight_transposes,
                             fuse_for_onnxruntime, graph_metadata, load_session, quantize_int8)
 from fm.io import sha256_file
 from fm.models.decoder import Decoder, KVCache, ModelConfig
@@ -247,6 +247,33 @@ def test_static_int8_needs_calibration(exported, tmp_path):
     with pytest.raises(ValueError, match="beside its input"):
         quantize_int8(prefill, prefill)
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_onnx_lm_scores_like_the_decoder_and_refuses_a_changed_file(exported, tmp_path):
+    """OnnxLM (what the evaluate stage scores int8 graphs with) gives Decoder.forward's logits and, through
+    fm.eval.choice, the same continuation log-likelihoods; a decode graph or a changed file is refused."""
+    from fm.eval.choice import continuation_logprobs, model_max_len
+
+    model, prefill, decode, shas = exported
+    lm = OnnxLM(prefill, shas["prefill_sha256"], 1)
+    assert lm.cfg == model.cfg and model_max_len(lm) == model.cfg.seq_len
+    ids = torch.randint(0, model.cfg.vocab_size, (3, 9), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        torch.testing.assert_close(lm(ids)[0], model(ids)[0], rtol=0, atol=1e-4)
+    pairs = [([1, 2, 3], [4, 5]), ([7] * 20, [9]), ([3, 1], [2, 2, 2])]
+    for (got, greedy_got), (want, greedy_want) in zip(continuation_logprobs(lm, pairs, 16, batch_size=2),
+                                                      continuation_logprobs(model, pairs, 16, batch_size=3)):
+        assert abs(got - want) < 1e-4 and greedy_got == greedy_want
+    with pytest.raises(ValueError, match="takes only token ids"):
+        lm(ids, domains=torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match="is a decode graph"):
+        OnnxLM(decode, shas["decode_sha256"])
+    changed = tmp_path / "prefill.onnx"
+    data = bytearray(prefill.read_bytes())
+    data[len(data) // 3] ^= 1
+    changed.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="prefill.onnx has sha256"):
+        OnnxLM(changed, shas["prefill_sha256"])
 
 
 def test_load_session_refuses_a_changed_file(exported, tmp_path):

@@ -34,17 +34,16 @@ from torch import nn
 
 from fm.data.chat import ChatTemplate
 from fm.models.adapters import PrefixTuning, PromptTuning
-from fm.models.decoder import Decoder
+from fm.models.decoder import Decoder, ModelConfig
 
 
 def _decoder(model: nn.Module) -> Decoder:
-    """The Decoder itself or the one an adapter wraps (or an fm.export.onnx.OnnxLM: it has the Decoder's cfg)."""
-    from fm.export.onnx import OnnxLM
-
-    if isinstance(model, (Decoder, OnnxLM)):
-        return model
+    """The Decoder itself or the one an adapter wraps; any other module that scores like a Decoder and
+    carries its ModelConfig as .cfg (fm.export.onnx.OnnxLM, an exported graph) stands for itself."""
     if isinstance(model, (PrefixTuning, PromptTuning)):
         return model.model
+    if isinstance(getattr(model, "cfg", None), ModelConfig):  # a Decoder, or OnnxLM
+        return model
     raise TypeError(f"expected a Decoder, PrefixTuning or PromptTuning, got {type(model).__name__}")
 
 

@@ -117,14 +117,14 @@ def evaluate(cfg: EvaluateConfig, paths: Paths) -> dict:
     heldout_path = paths.instructions / "heldout.parquet"
     if not heldout_path.is_file():
         raise FileNotFoundError(f"{heldout_path} not found: run `fm instructions` first")
-    items = sample_items(pq.read_table(heldout_path).to_pylist(), cfg.qa_items, cfg.seed)  # every task, every model
+    heldout_rows = pq.read_table(heldout_path).to_pylist()
+    items = sample_items(heldout_rows, cfg.qa_items, cfg.seed)  # every task, every model
     manifest = paths.tokens / "shards" / "manifest.json"
     codes = json.loads(manifest.read_text())["codes"]["modality"] if manifest.is_file() else []
     report: dict = {"stage": "evaluate", "models": {}}
     # In-context learning (GPT-3 style, plain text): held-out knowledge and definition items, demonstrations
     # from the training rows of the same task; retrieval over the curated triples.
     groups = {task for tasks in TASK_GROUPS.values() for task in tasks}
-    heldout_rows = pq.read_table(heldout_path).to_pylist()
     icl_items = [item for tasks in TASK_GROUPS.values()  # the same number from each group (held-out is mostly hypernyms)
                  for item in sample_items([r for r in heldout_rows if r["task"] in tasks],
                                           cfg.icl_items // len(TASK_GROUPS), cfg.seed)] if cfg.icl_items else []

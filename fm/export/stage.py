@@ -54,15 +54,16 @@ from fm.models.pretrained import load_pretrained
 from fm.paths import Paths
 
 
+def _loader(paths: Paths, cfg: ExportConfig, seq_len: int, batch_size: int, seed: int, split: str) -> TokenLoader:
+    """A loader of the pretraining shards' `split` (val: held out), split as pretraining split them."""
+    pretrain = json.loads((paths.models / "pretrain" / "config.json").read_text())["pretrain"]
+    return TokenLoader(paths.tokens / "shards", min(cfg.window_len, seq_len), batch_size, pretrain.get("mix") or None,
+                       seed, split=split, val_fraction=pretrain.get("val_fraction", 0.02) or 0.02)
+
+
 def _windows(paths: Paths, cfg: ExportConfig, seq_len: int, n: int | None = None, seed: int | None = None) -> torch.Tensor:
     """(N, L) held-out token windows: the validation split of the pretraining shards."""
-    shard_dir = paths.tokens / "shards"
-    pretrain = json.loads((paths.models / "pretrain" / "config.json").read_text())["pretrain"]
-    loader = TokenLoader(shard_dir, min(cfg.window_len, seq_len), n or cfg.windows, pretrain.get("mix") or None,
-                         cfg.seed if seed is None else seed, split="val",
-                         val_fraction=pretrain.get("val_fraction", 0.02) or 0.02)
-    x, _, _ = loader.next_batch()
-    return x  # (N, L)
+    return _loader(paths, cfg, seq_len, n or cfg.windows, cfg.seed if seed is None else seed, "val").next_batch()[0]
 
 
 def _gate(value: float, limit: float, at_least: bool = False) -> dict:
@@ -172,11 +173,9 @@ def export_clip_towers(paths: Paths, dest: Path, cfg: ExportConfig) -> dict:
             "gates": {"fp32_max_abs_embedding_diff": _gate(diff, cfg.max_logit_diff)}}
 
 
-def _train_windows(paths: Paths, cfg: ExportConfig, seq_len: int, batch_size: int, batches: int, seed: int) -> list:
+def _train_batches(paths: Paths, cfg: ExportConfig, seq_len: int, batch_size: int, batches: int, seed: int) -> list:
     """`batches` (x, y) batches of batch_size training windows (the train split of the pretraining shards)."""
-    pretrain = json.loads((paths.models / "pretrain" / "config.json").read_text())["pretrain"]
-    loader = TokenLoader(paths.tokens / "shards", min(cfg.window_len, seq_len), batch_size, pretrain.get("mix") or None,
-                         seed, split="train", val_fraction=pretrain.get("val_fraction", 0.02) or 0.02)
+    loader = _loader(paths, cfg, seq_len, batch_size, seed, "train")
     return [loader.next_batch()[:2] for _ in range(batches)]
 
 
@@ -187,11 +186,11 @@ def export_pruned(student: Decoder, paths: Paths, dest: Path, evaluation: torch.
 
     opts = cfg.prune
     seq_len = student.cfg.seq_len
-    calib = _train_windows(paths, cfg, seq_len, opts["calibration_windows"], 1, cfg.seed + 2)[0][0]  # (N, L)
+    calib = _train_batches(paths, cfg, seq_len, opts["calibration_windows"], 1, cfg.seed + 2)[0][0]  # (N, L)
     pruned, info = prune_mlp(student, opts["keep_fraction"], [calib], opts["multiple_of"])
     losses = []
     if opts["recovery_steps"]:
-        batches = _train_windows(paths, cfg, seq_len, opts["batch_size"], opts["recovery_steps"], cfg.seed + 3)
+        batches = _train_batches(paths, cfg, seq_len, opts["batch_size"], opts["recovery_steps"], cfg.seed + 3)
         losses = recover(pruned, student, batches, opts["recovery_steps"], opts["lr"], seed=cfg.seed)
     pruned.eval()
     entry = export_lm(pruned, dest, evaluation, calibration, cfg)
