@@ -259,12 +259,27 @@ def registry_cmd(workdir: WorkdirOpt = None) -> None:
 @app.command("runs")
 def runs_cmd(
     limit: Annotated[int, typer.Option(help="How many runs to list, newest first.")] = 20,
+    stages: Annotated[Optional[str], typer.Option("--stages", metavar="RUN_ID", help="Instead, list the stages of this "
+                      "run (an id, a unique prefix, `latest` or `latest~N`): status, seconds, output hashes.")] = None,
     workdir: WorkdirOpt = None,
 ) -> None:
     """List the runs recorded in the registry (<workdir>/fm.duckdb): id, seconds, stages ran/skipped/failed, metrics."""
-    from fm.registry import list_runs
+    from fm.registry import list_runs, run_stages
 
     ctx = run_context(None, workdir, None, None)
+    if stages is not None:
+        try:
+            rows = run_stages(ctx.paths, stages)
+        except ValueError as e:
+            raise fail("runs", e)
+        table = Table(caption=f"run {rows[0]['run_id']}; outputs: the first 12 hex digits of their hashes")
+        for name in ("stage", "status", "seconds", "recorded", "outputs"):
+            table.add_column(name, no_wrap=name != "outputs", overflow="fold")
+        for r in rows:
+            outputs = "\n".join(f"{out} {(sha or 'missing')[:12]}" for out, sha in (r["outputs"] or {}).items()) or "-"
+            table.add_row(r["stage"], r["status"], f"{r['seconds']:.1f}", "yes" if r["recorded"] else "no", outputs)
+        console.print(table)
+        return
     rows = list_runs(ctx.paths, limit)
     if not rows:
         console.print(f"no runs recorded in {ctx.paths.duckdb} yet: `fm run` records one")

@@ -263,11 +263,17 @@ class CaptionConfig:
 class InstructionsConfig:
     heldout_fraction: float = 0.1  # share of facts (never templates) held out for evaluation
     n_options: int = 4  # multiple-choice options per item (chance 1 / n_options)
+    # Share of the held-out triple facts (hypernym, capital, currency, language) that pretraining never sees
+    # either: the shard stage leaves their triples out, so the evaluate stage can set facts pretraining saw
+    # only as triples against matched facts no stage saw (knowledge injection). 0: pretraining sees every triple.
+    knowledge_probe: float = 0.5
     seed: int = 0
 
     def __post_init__(self):
         if not 0.0 <= self.heldout_fraction < 1.0:
             raise ValueError(f"instructions.heldout_fraction must be in [0, 1), got {self.heldout_fraction}")
+        if not 0.0 <= self.knowledge_probe <= 1.0:
+            raise ValueError(f"instructions.knowledge_probe must be in [0, 1], got {self.knowledge_probe}")
         if self.n_options < 2:
             raise ValueError(f"instructions.n_options must be at least 2, got {self.n_options}")
 
@@ -448,6 +454,7 @@ class EvaluateConfig:
     kshot: tuple = (0, 1, 4)  # demonstrations per prompt: the k-shot curve
     rag_top_k: int = 3  # retrieved triples before the question (0: no retrieval run)
     icl_models: tuple = ("pretrained", "student", "student_int8")  # the models the k-shot curve and retrieval run on
+    knowledge_items: int = 100  # knowledge injection: facts per (task, language) and group, seen and unseen (0: none)
     seed: int = 0
 
     def __post_init__(self):
@@ -461,6 +468,8 @@ class EvaluateConfig:
                              f"{self.icl_items}, {self.rag_top_k}")
         if self.qa_items < 0:
             raise ValueError(f"evaluate.qa_items must be >= 0 (0: all), got {self.qa_items}")
+        if self.knowledge_items < 0:
+            raise ValueError(f"evaluate.knowledge_items must be >= 0 (0: no knowledge probe), got {self.knowledge_items}")
 
 
 @dataclass(frozen=True)

@@ -100,7 +100,7 @@ def execute_stage(name: str, ctx: RunContext, force: bool = False, skip_current:
             summary = run_stage(name, params, paths, fresh=force and STAGES[name].trains)
     except BaseException as e:
         registry.log_run(paths, name, "failed", started, False, f"{type(e).__name__}: {e}"[:500], list(ctx.overrides), {},
-                         ctx.run_id)
+                         ctx.run_id, params=registry.stage_params(params, name))
         raise
     marker.unlink(missing_ok=True)
     summary["status"] = "ran"
@@ -111,6 +111,7 @@ def execute_stage(name: str, ctx: RunContext, force: bool = False, skip_current:
         if not recorded and why:
             summary["note"] = f"not recorded in dvc.lock: {why}"
     registry.refresh(paths, [name])
+    # log_run also hashes the stage's deps and outs (the registry's inputs / outputs columns)
     registry.log_run(paths, name, "ran", started, recorded, summary.get("note", ""), list(ctx.overrides), summary,
-                     ctx.run_id)
+                     ctx.run_id, params=registry.stage_params(params, name))
     return summary

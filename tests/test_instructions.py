@@ -200,3 +200,25 @@ def test_card_matches_tables(curated, tmp_path):
                                    for lang, n in by.items() if n[split]})
         assert card["rows"][split] == len(rows)
         assert card["facts"][split] == len({r["fact_id"] for r in rows})
+
+
+def test_withheld_facts_are_held_out_triple_facts_and_scale_with_knowledge_probe(curated, tmp_path):
+    """The knowledge-injection control: withheld facts are a hash-drawn share of the held-out triple facts, never
+    a train fact and never another task; 0 withholds none, 1 every held-out triple fact."""
+    counts = {}
+    for probe in (0.0, 0.5, 1.0):
+        card, train, heldout = _build(curated, tmp_path / str(probe), heldout_fraction=0.6, knowledge_probe=probe)
+        withheld = pq.read_table(tmp_path / str(probe) / "withheld.parquet").to_pylist()
+        held_triple_facts = {r["fact_id"] for r in heldout if r["task"] in ins.RELATIONS}
+        assert {w["fact_id"] for w in withheld} <= held_triple_facts
+        assert {w["fact_id"] for w in withheld}.isdisjoint(r["fact_id"] for r in train)
+        for w in withheld:  # the triple key the shard stage drops: the task's relation in that language
+            assert w["relation"] == ins.RELATIONS[w["task"]][w["lang"]]
+            assert w["fact_id"] == ins._hash(w["task"], w["lang"], w["subject"])
+        assert card["withheld"] == {t: sum(w["task"] == t for w in withheld) for t in ins.RELATIONS}
+        counts[probe] = {w["fact_id"] for w in withheld}
+        if probe == 1.0:
+            assert counts[probe] == held_triple_facts
+    assert counts[0.0] == set() and counts[0.0] < counts[0.5] < counts[1.0]  # nested: one hash, growing threshold
+    with pytest.raises(ValueError, match="knowledge_probe"):
+        ins.build_instructions(curated, tmp_path / "bad", knowledge_probe=1.5)

@@ -51,7 +51,8 @@ def tiny_params(path: Path) -> None:
     params["export"].update(windows=2, window_len=16, prompts=1, generate_tokens=4, min_int8_agreement=0.0,
                             calibration_windows=2, prune={"enabled": True, "calibration_windows": 2, "recovery_steps": 2,
                                                           "batch_size": 1})
-    params["evaluate"].update(qa_items=4, icl_items=4, kshot=[0, 1], ppl_window=16, ppl_windows_per_group=1, batch_size=4)
+    params["evaluate"].update(qa_items=4, icl_items=4, kshot=[0, 1], ppl_window=16, ppl_windows_per_group=1, batch_size=8,
+                              knowledge_items=2)
     path.write_text(yaml.safe_dump(params, sort_keys=False, allow_unicode=True))
 
 
@@ -182,6 +183,7 @@ def test_fm_run_then_each_kind_of_edit_reruns_exactly_the_stale_stages(project):
     for name, entry in metrics["models"].items():
         assert "overall" in entry["metrics"]["perplexity"] and set(entry["metrics"]["bias"]) == {"gender", "age"}, name
         assert ("instruction_qa" in entry["metrics"]) == bool(held_mc), name  # the tiny corpus may hold out no item
+        assert ("knowledge" in entry["metrics"]) == bool(metrics["knowledge_set"].get("items")), name
     assert "export" in metrics and "clip" in metrics and "caption" in metrics
     assert (project / "data" / "08_reports" / "report.html").read_text().count("<svg") >= 4
     assert "## " in (project / "data" / "07_export" / "MODEL_CARD.md").read_text()

@@ -26,7 +26,7 @@ from fm.eval.model_card import parse_sources, write_model_card
 from fm.eval.report import SECTIONS, render_report, write_report
 
 HOSTILE = '<script>alert("x")</script>&'
-FIGURES = ("loss", "perplexity", "kshot", "rag", "quality", "clip", "caption", "bias")
+FIGURES = ("loss", "perplexity", "kshot", "rag", "knowledge", "quality", "clip", "caption", "bias")
 
 README = """# Sample corpus
 
@@ -61,13 +61,17 @@ def _model(params: int, qa: float, ppl: float, icl: bool = False, gap: float = 0
                        "groups": {k: {**per[k], "modality": v[0], "source": v[1], "lang": v[2]} for k, v in groups.items()}},
         "bias": {"gender": {"en": bias_cell, "zh": {**bias_cell, "mean_gap": -gap, "ci95": [-gap - 0.1, -gap + 0.1]}},
                  "age": {"en": bias_cell}},
+        "knowledge": {fmt: {"chance": 0.25, "seen": {"n": 50, "accuracy": qa + 0.1, "by_group": {}},
+                            "unseen": {"n": 50, "accuracy": qa - 0.05, "by_group": {}}, "gap": 0.15,
+                            "gap_ci": [0.02, 0.28]} for fmt in ("cloze", "qa")},
     }
     if icl:
         shot = {k: {"n": 40, "accuracy": 0.40 - 0.01 * int(k), "accuracy_norm": 0.35, "chance": 0.25, "groups": {},
                     "per_task": {}, "shots_mean": float(k)} for k in ("0", "1", "4")}
         metrics["icl"] = shot
         metrics["rag"] = {"n": 40, "accuracy": 0.5, "accuracy_norm": 0.45, "chance": 0.25, "top_k": 3,
-                          "recall_at_k": 0.9, "closed_book": shot["0"]}
+                          "recall_at_k": 0.9, "closed_book": shot["0"],
+                          "by_exposure": {"unseen": {"n": 20, "accuracy": 0.55, "closed_book_accuracy": 0.3}}}
     return {"kind": "torch", "params": params, "seconds": 1.5, "metrics": metrics}
 
 
@@ -124,6 +128,9 @@ def run_dir(tmp_path_factory) -> Path:
     metrics = {"stage": "evaluate", "models": models, "clip": clip, "caption": caption,
                "export": {"student": _gates(), "teacher": _gates(), "pruned": _gates()},
                "icl_set": {"items": 40, "kshot": [0, 1, 4], "demonstration_pool": 100},
+               "knowledge_set": {"items": 100, "seen": 50, "unseen": 50, "withheld_facts": 60,
+                                 "exposure": {"triple_tokens": 485_426, "triple_tokens_drawn": 81_920, "passes": 0.1688,
+                                              "withheld": {"facts": 60, "triples": 70}}},
                "perplexity_set": {"windows": 10, "seq_len": 64, "groups": ["a", "b"]}, "seconds": 3.0}
     (w / "08_reports").mkdir(parents=True)
     (w / "08_reports" / "metrics.json").write_text(json.dumps(metrics))
@@ -144,6 +151,8 @@ def test_report_holds_every_section_and_figure(run_dir):
     assert "&lt;script&gt;" in page
     # numbers stand beside their chance level; a failed gate shows as FAIL
     assert "chance" in page and "closed book (baseline)" in page and "FAIL" in page
+    assert "never seen (baseline)" in page and "[0.020, 0.280]" in page and "unseen-fact items" in page
+    assert "each seen triple 0.169 times" in page  # the exposure note
 
 
 def test_report_says_not_run_for_missing_inputs(tmp_path):

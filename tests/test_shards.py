@@ -6,8 +6,10 @@ sha256 match the files, runs are deterministic and an interrupted run leaves not
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
+import shutil
 import unicodedata
 from pathlib import Path
 
@@ -23,7 +25,7 @@ import fm.data.shards as shards
 from fm.config import ShardConfig, TokenizeConfig
 from fm.data.schema import SCHEMAS, content_id
 from fm.data.shards import load_manifest, read_index, read_token_shard, token_dtype, write_shards
-from fm.data.tokenizer import SPECIAL_IDS, train_tokenizer
+from fm.data.tokenizer import SPECIAL_IDS, load_tokenizer, train_tokenizer
 from fm.paths import Paths
 
 EN = [
@@ -263,3 +265,33 @@ def test_empty_modality_writes_no_shards(built, tmp_path):
     assert summary["counts"]["triples"] == {"docs": 0, "tokens": 0}
     manifest = load_manifest(work.tokens / "shards", verify=True)
     assert not [e for e in manifest["shards"] if e["modality"] == "triples"]
+
+
+def test_withheld_triples_are_left_out_of_pretraining(built, tmp_path):
+    """The facts fm.data.instructions withholds never reach a token shard; the manifest counts them."""
+    from fm.data.instructions import WITHHELD_SCHEMA
+
+    paths, cfg, _ = built
+    withheld_rows = [{"fact_id": "f1", "task": "hypernym", "lang": s_lang, "subject": s, "relation": r}
+                     for s, r, _, s_lang in TRIPLES[:2]]
+    work = tmp_path / "data"
+    shutil.copytree(paths.workdir, work, ignore=shutil.ignore_patterns("shards"))
+    moved = Paths(raw=work / "01_raw", workdir=work)
+    moved.instructions.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(withheld_rows, schema=WITHHELD_SCHEMA), moved.instructions / "withheld.parquet")
+    summary = write_shards(cfg, moved)
+    manifest = load_manifest(moved.tokens / "shards")
+    dropped = [t for t in TRIPLES if (t[0], t[1], t[3]) in {(w["subject"], w["relation"], w["lang"]) for w in withheld_rows}]
+    assert manifest["withheld"]["facts"] == 2 and manifest["withheld"]["triples"] == len(dropped) > 0
+    assert summary["withheld"] == manifest["withheld"]
+    assert manifest["withheld"]["sha256"] == hashlib.sha256((moved.instructions / "withheld.parquet").read_bytes()).hexdigest()
+    docs = pa.concat_tables(read_arrow(moved.tokens / "shards" / e["path"]) for e in manifest["shards"]
+                            if e["kind"] == "docs" and e["modality"] == "triples")
+    assert docs.num_rows == len(TRIPLES) - len(dropped)
+    assert not {t[0] + " | " + t[1] for t in dropped} & {x.rsplit(" | ", 1)[0] for x in docs["text"].to_pylist()}
+    tok = load_tokenizer(moved)
+    stream = "".join(tok.decode(read_token_shard(moved.tokens / "shards" / e["path"]).tolist(), skip_special_tokens=False)
+                     for e in manifest["shards"] if e["kind"] == "tokens" and e["modality"] == "triples")
+    for s, r, o, _ in dropped:
+        assert f"{s} | {r} | {o}" not in stream
+    assert load_manifest(paths.tokens / "shards")["withheld"] == {"facts": 0, "triples": 0, "sha256": None}

@@ -29,7 +29,7 @@ runner = CliRunner()
 def test_stage_table_is_a_dag_and_names_agree():
     check_table()
     names = list(STAGES)
-    assert names[:6] == ["ingest", "validate", "curate", "tokenize", "shard", "pretrain"]
+    assert names[:7] == ["ingest", "validate", "curate", "tokenize", "instructions", "shard", "pretrain"]
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     assert set(names) <= set(params) and set(params) == {f.name for f in dataclasses.fields(Params)}
     commands = {c.name for c in app.registered_commands}
@@ -119,12 +119,15 @@ def test_overrides_nested_and_bad_values():
 
 
 def test_select_stages_follows_the_dag():
-    assert downstream("curate") == ["curate", "tokenize", "shard", "pretrain", "pretrain_clip", "caption", "instructions",
+    assert downstream("curate") == ["curate", "tokenize", "instructions", "shard", "pretrain", "pretrain_clip", "caption",
                                     "sft", "distill", "export", "evaluate"]
     assert downstream("pretrain") == ["pretrain", "caption", "sft", "distill", "export", "evaluate"]
     assert downstream("pretrain_clip") == ["pretrain_clip", "caption", "export", "evaluate"]  # the multimodal branch; export has its towers
-    assert downstream("instructions") == ["instructions", "sft", "distill", "export", "evaluate"]  # a new instruction set retunes, never pretrains
-    assert ancestors("sft") == ["ingest", "validate", "curate", "tokenize", "shard", "pretrain", "instructions"]
+    # the shard stage leaves out the facts the instruction set withholds (knowledge injection), so the DAG runs
+    # through it; dvc.yaml makes shard depend on withheld.parquet alone, so only a changed withheld set re-pretrains
+    assert downstream("instructions") == ["instructions", "shard", "pretrain", "pretrain_clip", "caption", "sft", "distill",
+                                          "export", "evaluate"]
+    assert ancestors("sft") == ["ingest", "validate", "curate", "tokenize", "instructions", "shard", "pretrain"]
     assert ancestors("ingest") == []
     assert select_stages(["shard", "ingest"]) == ["ingest", "shard"]
     with pytest.raises(ValueError, match="unknown stage 'pretrian'"):

@@ -15,7 +15,11 @@ instructions (English and, where the data has Chinese, Chinese):
 
 The split is by fact, never by template: a fact (`fact_id`, a hash of task, lang and subject)
 lands wholly in train or wholly in held-out, so a held-out fact is never seen as an
-instruction (it may still be in pretraining as a triple: the knowledge-injection experiment).
+instruction. Held-out triple facts are the knowledge-injection experiment: a share
+`knowledge_probe` of them (drawn by another hash of the fact, so matched in task, language and
+difficulty to the rest) is *withheld*: listed in `withheld.parquet`, whose triples the shard
+stage leaves out of pretraining. A held-out fact that is not withheld was seen only as triples
+in pretraining; a withheld one was seen by no stage (fm.eval.knowledge compares the two).
 Multiple-choice distractors are answers of other facts of the same relation *in the same
 split*, so a held-out answer is never offered as an option in train.
 
@@ -23,8 +27,9 @@ Not supported by the data, so not built: WordNet definitions (the sample keeps p
 glosses); capitals in Chinese (no `首都` triples); class labels for clip art and emoji captions
 (the caption is the only label); Chinese prompts for code (docstrings are English).
 
-Outputs, each written atomically: `train.parquet`, `heldout.parquet`, `card.json`
-(counts per task x language x split).
+Outputs, each written atomically: `train.parquet`, `heldout.parquet`, `withheld.parquet` (one
+row per withheld fact: fact_id, task, lang, subject, relation; WITHHELD_SCHEMA), `card.json`
+(counts per task x language x split, and the withheld facts per task).
 """
 
 from __future__ import annotations
@@ -135,12 +140,36 @@ POEM_LINE = re.compile(r"[^，。？！；\n]+[，。？！；]")  # a clause wi
 MAX_FUNCTION_CHARS = 1500  # longer functions make unreadably long prompts
 
 
+WITHHELD_SCHEMA = pa.schema(
+    [
+        pa.field("fact_id", pa.string(), nullable=False),
+        pa.field("task", pa.string(), nullable=False),
+        pa.field("lang", pa.string(), nullable=False),
+        pa.field("subject", pa.string(), nullable=False),
+        pa.field("relation", pa.string(), nullable=False),  # the triples (subject, relation, lang) pretraining skips
+    ]
+)
+
+
 def _hash(*parts: object) -> str:
     return hashlib.sha256("\x00".join(map(str, parts)).encode()).hexdigest()[:16]
 
 
 def _is_heldout(fact_id: str, fraction: float, seed: int) -> bool:
     return int(_hash(seed, fact_id), 16) / 16**16 < fraction
+
+
+def _is_withheld(fact_id: str, fraction: float, seed: int) -> bool:
+    """Whether a held-out triple fact is also kept out of pretraining (a hash independent of _is_heldout's)."""
+    return int(_hash("knowledge-probe", seed, fact_id), 16) / 16**16 < fraction
+
+
+def withheld_facts(facts: list[dict], heldout_fraction: float, knowledge_probe: float, seed: int) -> list[dict]:
+    """The held-out triple facts pretraining must not see (WITHHELD_SCHEMA rows, sorted by fact_id)."""
+    return sorted(({"fact_id": f["fact_id"], "task": f["task"], "lang": f["lang"], "subject": f["subject"],
+                    "relation": RELATIONS[f["task"]][f["lang"]]}
+                   for f in facts if f["task"] in RELATIONS and _is_heldout(f["fact_id"], heldout_fraction, seed)
+                   and _is_withheld(f["fact_id"], knowledge_probe, seed)), key=lambda r: r["fact_id"])
 
 
 def _fact(task, lang, subject, answers, source_file, position) -> dict:
@@ -277,10 +306,12 @@ def _read(path: Path, columns: list[str]) -> list[dict]:
 
 
 def build_instructions(curated_dir: Path, out_dir: Path, heldout_fraction: float = 0.1, seed: int = 0,
-                       n_options: int = 4) -> dict:
-    """Curated tables -> train/heldout instruction tables split by fact, and their card."""
+                       n_options: int = 4, knowledge_probe: float = 0.5) -> dict:
+    """Curated tables -> train/heldout instruction tables split by fact, the withheld facts, and their card."""
     if not 0.0 <= heldout_fraction < 1.0:
         raise ValueError(f"heldout_fraction must be in [0, 1), got {heldout_fraction}")
+    if not 0.0 <= knowledge_probe <= 1.0:
+        raise ValueError(f"knowledge_probe must be in [0, 1], got {knowledge_probe}")
     if n_options < 2:
         raise ValueError(f"n_options must be at least 2, got {n_options}")
     curated_dir, out_dir = Path(curated_dir), Path(out_dir)
@@ -306,6 +337,7 @@ def build_instructions(curated_dir: Path, out_dir: Path, heldout_fraction: float
         split = split_of[f["fact_id"]]
         rows[split].extend(render_instructions(f, pools.get((f["task"], f["lang"], split), []), n_options, seed))
 
+    withheld = withheld_facts(facts, heldout_fraction, knowledge_probe, seed)
     counts: dict = {}
     for split, split_rows in rows.items():
         for r in split_rows:
@@ -315,6 +347,8 @@ def build_instructions(curated_dir: Path, out_dir: Path, heldout_fraction: float
         "seed": seed, "heldout_fraction": heldout_fraction, "n_options": n_options,
         "rows": {split: len(r) for split, r in rows.items()},
         "facts": {split: sum(s == split for s in split_of.values()) for split in rows},
+        "knowledge_probe": knowledge_probe,
+        "withheld": {task: sum(w["task"] == task for w in withheld) for task in RELATIONS},
         "counts": counts,
         "templates": {f"{task}.{lang}": [t for t, _ in ts] for (task, lang), ts in TEMPLATES.items()},
     }
@@ -322,6 +356,7 @@ def build_instructions(curated_dir: Path, out_dir: Path, heldout_fraction: float
     for split, split_rows in rows.items():
         table = pa.Table.from_pylist(split_rows, schema=INSTRUCTION_SCHEMA)
         write_parquet(table, out_dir / f"{split}.parquet")
+    write_parquet(pa.Table.from_pylist(withheld, schema=WITHHELD_SCHEMA), out_dir / "withheld.parquet")
     write_json(card, out_dir / "card.json")
     return card
 
@@ -331,11 +366,12 @@ def instructions(cfg: InstructionsConfig, paths: Paths) -> dict:
     start = time.perf_counter()
     if not any((paths.curated / f"{m}.parquet").exists() for m in ("triples", "image_text", "text", "code")):
         raise FileNotFoundError(f"no curated tables in {paths.curated}: run `fm curate` first")
-    card = build_instructions(paths.curated, paths.instructions, cfg.heldout_fraction, cfg.seed, cfg.n_options)
+    card = build_instructions(paths.curated, paths.instructions, cfg.heldout_fraction, cfg.seed, cfg.n_options,
+                              cfg.knowledge_probe)
     if not card["rows"]["train"]:
         raise ValueError(f"instructions: the curated tables in {paths.curated} hold no record any task can use "
                          f"(WordNet hypernyms, country capitals/currencies/languages, class captions, poems, "
                          f"Python functions with docstrings)")
-    return {"stage": "instructions", "rows": card["rows"], "facts": card["facts"],
+    return {"stage": "instructions", "rows": card["rows"], "facts": card["facts"], "withheld": card["withheld"],
             "tasks": {task: sum(c["train"] + c["heldout"] for c in langs.values()) for task, langs in card["counts"].items()},
             "outputs": [str(paths.instructions)], "seconds": round(time.perf_counter() - start, 3)}

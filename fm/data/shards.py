@@ -34,6 +34,10 @@ France") are joined one per line into one document:
     <|triples|><|lang:en|>Paris | capital of | France
     Paris | located in | Europe<|endoftext|>
 
+Knowledge-injection control: the triples of the facts listed in `05_instructions/withheld.parquet`
+(fm.data.instructions: a share of the instruction set's held-out facts) are left out, matched on
+(subject, relation, lang); the manifest's `withheld` entry counts them and records that file's sha256.
+
 Reading back: `read_token_shard(path)` (np.memmap), `read_index(path)`, `load_manifest(dir)`.
 """
 
@@ -124,6 +128,28 @@ def stream_order(modality: str, table: pa.Table, cfg: ShardConfig) -> tuple[pa.T
         "lang": first["lang"],
     })
     return rows, docs
+
+
+def read_withheld(path: Path) -> set[tuple[str, str, str]]:
+    """{(subject, relation, lang)} of a withheld-facts table (fm.data.instructions.WITHHELD_SCHEMA): the triples
+    pretraining leaves out. Empty when the file does not exist (a corpus sharded without an instruction set)."""
+    path = Path(path)
+    if not path.is_file():
+        return set()
+    try:
+        table = pq.read_table(path, columns=["subject", "relation", "lang"])
+    except (OSError, pa.ArrowInvalid, KeyError) as e:
+        raise ValueError(f"{path} is not a withheld-facts table ({e}): rerun `fm instructions`") from None
+    return set(zip(*(table[c].to_pylist() for c in ("subject", "relation", "lang"))))
+
+
+def drop_withheld(table: pa.Table, withheld: set[tuple[str, str, str]]) -> pa.Table:
+    """The triples table without the rows whose (subject, relation, lang) is withheld."""
+    if not withheld or table.num_rows == 0:
+        return table
+    keys = zip(*(table[c].to_pylist() for c in ("subject", "relation", "lang")))
+    keep = pa.array([key not in withheld for key in keys], pa.bool_())
+    return table.filter(keep)
 
 
 # ---------------------------------------------------------------- token shards
@@ -296,6 +322,9 @@ def write_shards(cfg: ShardConfig, paths: Paths) -> dict:
         langs.update(pc.unique(pc.fill_null(t["lang"], "")).to_pylist())
     codes = {"modality": list(MODALITIES), "source": sorted(sources), "lang": sorted(langs)}
 
+    withheld_path = paths.instructions / "withheld.parquet"
+    withheld = read_withheld(withheld_path)
+    dropped = 0
     out_dir = paths.tokens / "shards"
     counts, entries = {}, []
     console = Console(stderr=True)
@@ -304,7 +333,11 @@ def write_shards(cfg: ShardConfig, paths: Paths) -> dict:
         console=console,
     ) as progress:
         for modality, path in tables:
-            rows, docs = stream_order(modality, pq.read_table(path), cfg)
+            table = pq.read_table(path)
+            if modality == "triples":
+                kept = drop_withheld(table, withheld)
+                dropped, table = table.num_rows - kept.num_rows, kept
+            rows, docs = stream_order(modality, table, cfg)
             task = progress.add_task(modality, total=int(pc.sum(pc.binary_length(pc.cast(docs["text"], pa.binary()))).as_py() or 0))
             writer = TokenShardWriter(tmp, modality, cfg.tokens_per_shard, dtype)
             n_tokens = encode_documents(tok, docs, modality, codes, writer, progress, task)
@@ -329,6 +362,8 @@ def write_shards(cfg: ShardConfig, paths: Paths) -> dict:
             "config": {"tokens_per_shard": cfg.tokens_per_shard, "docs_per_arrow_shard": cfg.docs_per_arrow_shard,
                        "triples_per_document": cfg.triples_per_document, "seed": cfg.seed},
             "codes": codes,
+            "withheld": {"facts": len(withheld), "triples": dropped,
+                         "sha256": sha256_file(withheld_path) if withheld_path.is_file() else None},
             "shards": entries,
             "totals": {
                 "tokens": sum(c["tokens"] for c in counts.values()),
@@ -347,6 +382,7 @@ def write_shards(cfg: ShardConfig, paths: Paths) -> dict:
         "counts": {m: {"docs": c["docs"], "tokens": c["tokens"]} for m, c in counts.items()},
         "shards": len(token_entries),
         "tokens": manifest["totals"]["tokens"],
+        "withheld": manifest["withheld"],
         "outputs": [str(out_dir)],
         "seconds": round(time.perf_counter() - start, 3),
     }

@@ -272,7 +272,7 @@ def rag_multiple_choice(model: nn.Module, tokenizer, items: list[dict], retrieve
     triples. Returns kshot_multiple_choice's fields for the open-book run, plus
         recall_at_k   share of items whose answer triple (same source_file, position) is among the top_k
         retrieved     per item, the retrieved (source_file, position) keys, best first
-        closed_book   kshot_multiple_choice's fields without retrieval (items left out)
+        closed_book   kshot_multiple_choice's fields without retrieval
     """
     items = _check(items)
     shots = [select_demos(item, demos or [], k, seed) for item in items]
@@ -280,7 +280,6 @@ def rag_multiple_choice(model: nn.Module, tokenizer, items: list[dict], retrieve
     facts = [[retriever.lines[i] for i in reversed(h)] for h in hits]  # the best one nearest the question
     out = _score(model, tokenizer, items, shots, facts, max_len, batch_size, device)
     closed = _score(model, tokenizer, items, shots, [[] for _ in items], max_len, batch_size, device)
-    closed.pop("items")
     found = [(item.get("source_file"), int(item.get("position", -1))) in {retriever.keys[i] for i in h}
              for item, h in zip(items, hits)]
     out["recall_at_k"] = float(np.mean(found))

@@ -129,6 +129,12 @@ def _limits(workdir: Path, metrics: dict, student_cfg: dict) -> list[str]:
     closed = (rag.get("closed_book") or {}).get("accuracy")
     if rag.get("accuracy") is not None and closed is not None and rag["accuracy"] <= closed:
         out.append(f"Retrieved facts do not help: {rag['accuracy']:.1%} with retrieval vs {closed:.1%} closed book.")
+    cloze = ((student.get("metrics") or {}).get("knowledge") or {}).get("cloze") or {}
+    ci = cloze.get("gap_ci")
+    if ci and ci[0] <= 0 <= ci[1]:
+        out.append(f"No measurable knowledge injection: facts seen only as triples in pretraining are answered "
+                   f"{_fmt((cloze.get('seen') or {}).get('accuracy'))} against {_fmt((cloze.get('unseen') or {}).get('accuracy'))} "
+                   f"for matched unseen facts (gap 95% interval [{ci[0]:.2f}, {ci[1]:.2f}]).")
     for r in bias_rows(metrics):
         ci = r.get("ci95")
         if r["model"] == "student" and ci and (ci[0] > 0 or ci[1] < 0):
@@ -193,13 +199,16 @@ def render_model_card(workdir: Path) -> str:
         qa = mm.get("instruction_qa") or {}
         icl = mm.get("icl") or {}
         rag = mm.get("rag") or {}
+        cloze = (mm.get("knowledge") or {}).get("cloze") or {}
         rows.append([name, m.get("params"), qa.get("accuracy"), qa.get("chance"),
                      ((mm.get("perplexity") or {}).get("overall") or {}).get("perplexity"),
                      " / ".join(f"{k}: {_fmt(v.get('accuracy'))}" for k, v in sorted(icl.items(), key=lambda kv: int(kv[0])))
-                     or None, rag.get("accuracy"), (rag.get("closed_book") or {}).get("accuracy")])
+                     or None, rag.get("accuracy"), (rag.get("closed_book") or {}).get("accuracy"),
+                     f"{_fmt((cloze.get('seen') or {}).get('accuracy'))} / {_fmt((cloze.get('unseen') or {}).get('accuracy'))}"
+                     if cloze else None])
     if rows:
         md += [_md_table(["model", "parameters", "QA accuracy", "QA chance", "perplexity", "k-shot accuracy",
-                          "RAG accuracy", "closed book"], rows), "",
+                          "RAG accuracy", "closed book", "facts seen / unseen (triple cloze)"], rows), "",
                f"Perplexity baseline: the vocabulary size ({(student_cfg.get('model') or {}).get('vocab_size', '?')}) "
                "for a uniform guess.", ""]
     else:

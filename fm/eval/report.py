@@ -39,6 +39,7 @@ SECTIONS = (
     "Training loss curves",
     "Per-domain perplexity",
     "In-context learning and retrieval",
+    "Knowledge injection",
     "Quality against size and latency",
     "CLIP retrieval",
     "Captioning",
@@ -302,8 +303,54 @@ def _icl(metrics: dict | None) -> str:
                  _pct(r.get("chance")), r.get("top_k"), _pct(r.get("recall_at_k"))] for n, r in rag.items()]
         out += _table(["model", "items", "closed book (baseline)", "with retrieval", "chance", "top k",
                        "retriever recall@k"], rows)
+        unseen = [[n, u["n"], _pct(u["closed_book_accuracy"]), _pct(u["accuracy"])]
+                  for n, r in rag.items() if (u := (r.get("by_exposure") or {}).get("unseen"))]
+        if unseen:
+            out += ('<p class="note">The same run on the items whose fact no stage trained on (withheld from '
+                    'pretraining and the instruction set): what retrieval adds where the weights cannot know.</p>')
+            out += _table(["model", "unseen-fact items", "closed book (baseline)", "with retrieval"], unseen)
     else:
         out += _missing("no retrieval-augmented results")
+    return out
+
+
+def _knowledge(metrics: dict | None) -> str:
+    known = {n: m["metrics"]["knowledge"] for n, m in _models(metrics).items() if (m.get("metrics") or {}).get("knowledge")}
+    info = (metrics or {}).get("knowledge_set") or {}
+    if not known:
+        return _missing(f"no knowledge-injection results in metrics.json ({info.get('skipped', 'not run')})")
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
+    names = list(known)
+    xs = range(len(names))
+    for ax, fmt, title in zip(axes, ("cloze", "qa"), ("triple cloze (the pretraining format)", "instruction (chat)")):
+        res = [known[n].get(fmt) or {} for n in names]
+        ax.bar([x - 0.2 for x in xs], [(r.get("seen") or {}).get("accuracy") or float("nan") for r in res], 0.4,
+               color="C0", label="seen only as triples")
+        ax.bar([x + 0.2 for x in xs], [(r.get("unseen") or {}).get("accuracy") or float("nan") for r in res], 0.4,
+               color="C7", label="never seen (baseline)")
+        chance = next((r.get("chance") for r in res if r.get("chance") is not None), None)
+        if chance is not None:
+            ax.axhline(chance, color="grey", ls=":", label=f"chance {chance:.2f}")
+        ax.set_xticks(list(xs), names, rotation=30, ha="right", fontsize=8)
+        ax.set_title(title)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].set_ylabel("accuracy")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    out = _svg(fig, "knowledge", "Held-out facts pretraining saw only as linearized triples against matched facts "
+                                 "no stage saw, per model and format.")
+    exposure = info.get("exposure") or {}
+    if exposure:
+        out += (f'<p class="note">{info.get("seen")} seen and {info.get("unseen")} matched unseen facts '
+                f'(the same number per task and language). Pretraining drew about '
+                f'{_fmt(exposure.get("triple_tokens_drawn"))} triple tokens of the {_fmt(exposure.get("triple_tokens"))} '
+                f'in its shards: each seen triple {_fmt(exposure.get("passes"))} times on average.</p>')
+    rows = [[n, fmt, (r.get("seen") or {}).get("n"), _pct((r.get("seen") or {}).get("accuracy")),
+             _pct((r.get("unseen") or {}).get("accuracy")), _fmt(r.get("gap")), _interval(r.get("gap_ci")),
+             _pct(r.get("chance"))]
+            for n, by_fmt in known.items() for fmt, r in by_fmt.items()]
+    out += _table(["model", "format", "facts per group", "seen only as triples", "never seen (baseline)",
+                   "gap", "95% interval", "chance"], rows)
     return out
 
 
@@ -531,6 +578,7 @@ def render_report(workdir: Path) -> str:
         _loss_curves(workdir),
         _domain_perplexity(metrics),
         _icl(metrics),
+        _knowledge(metrics),
         _quality_vs_cost(workdir, metrics),
         _clip(metrics),
         _caption(metrics),

@@ -11,8 +11,11 @@ checked against 07_export/report.json). Metrics:
     in-context       fm.eval.icl: held-out knowledge (capital, currency, language) and definition (hypernym)
     learning         items as plain-text multiple choice with k demonstrations for each k of evaluate.kshot
                      (GPT-3's zero/one/few-shot), and with the top evaluate.rag_top_k triples BM25 retrieves
-                     from the curated triples before the question, beside the closed-book score
-                     (evaluate.icl_models only: it costs a pass per k)
+                     from the curated triples before the question, beside the closed-book score, also on the
+                     facts no stage trained on (evaluate.icl_models only: it costs a pass per k)
+    knowledge        fm.eval.knowledge: held-out facts pretraining saw only as triples against matched facts
+    injection        it never saw (instructions.knowledge_probe withheld them), as a triple cloze and as the
+                     instruction; the gap with its bootstrap interval, and how often pretraining drew the triples
     bias             fm.eval.bias: templated English and Chinese minimal pairs (occupation x gendered
                      pronoun, age), the log-likelihood gap per axis and language with its spread
                      (evaluate.bias)
@@ -83,6 +86,19 @@ def _icl_summary(res: dict) -> dict:
             if k in res}
 
 
+def _rag_by_exposure(rag: dict, withheld: set[str]) -> dict:
+    """Open- and closed-book accuracy of the retrieval run on the items whose fact no stage trained on (withheld)
+    and on the rest: retrieval can supply what the weights never held."""
+    out = {}
+    for name, chosen in (("unseen", lambda fact: fact in withheld), ("seen_or_trained", lambda fact: fact not in withheld)):
+        pairs = [(o, c) for o, c in zip(rag["items"], rag["closed_book"]["items"]) if chosen(o["fact_id"])]
+        if pairs:
+            out[name] = {"n": len(pairs),
+                         "accuracy": sum(o["prediction"] == o["answer_index"] for o, _ in pairs) / len(pairs),
+                         "closed_book_accuracy": sum(c["prediction"] == c["answer_index"] for _, c in pairs) / len(pairs)}
+    return out
+
+
 def fast_copy(module):
     """The oneDNN CPU copy of a torch model (fm.models.inference: the same scores to ~1e-6, 1.4-1.7x faster on
     batches), or the model itself where that copy cannot be made."""
@@ -108,6 +124,7 @@ def evaluate(cfg: EvaluateConfig, paths: Paths) -> dict:
     from fm.eval.report import write_report
     from fm.eval.choice import model_max_len
     from fm.eval.icl import TASK_GROUPS, build_retriever, kshot_curve, rag_multiple_choice
+    from fm.eval.knowledge import knowledge_injection, pretraining_exposure, probe_items
     from fm.eval.perplexity import build_eval_set, heldout_split, perplexity_by_group, torch_logits_fn
 
     max_len_of = model_max_len
@@ -131,7 +148,22 @@ def evaluate(cfg: EvaluateConfig, paths: Paths) -> dict:
     demos = [r for r in pq.read_table(paths.instructions / "train.parquet").to_pylist()
              if r["task"] in groups and r.get("options")] if icl_items else []
     triples_path = paths.curated / "triples.parquet"
-    retriever = build_retriever(pq.read_table(triples_path).to_pylist()) if icl_items and triples_path.is_file() else None
+    triples = pq.read_table(triples_path).to_pylist() if triples_path.is_file() else []
+    retriever = build_retriever(triples) if icl_items and triples else None
+    # Knowledge injection: held-out facts pretraining saw only as triples against matched withheld ones.
+    withheld_path = paths.instructions / "withheld.parquet"
+    withheld = set(pq.read_table(withheld_path, columns=["fact_id"])["fact_id"].to_pylist()) \
+        if withheld_path.is_file() else set()
+    facts = probe_items(heldout_rows, triples, withheld, cfg.knowledge_items, cfg.seed) if withheld else []
+    if facts:
+        report["knowledge_set"] = {
+            "items": len(facts), **{g: sum(i["group"] == g for i in facts) for g in ("seen", "unseen")},
+            "withheld_facts": len(withheld),
+            "exposure": pretraining_exposure(paths.models / "pretrain", json.loads(manifest.read_text()))
+            if manifest.is_file() else None}
+    else:
+        report["knowledge_set"] = {"skipped": "no withheld fact (instructions.knowledge_probe = 0 or no held-out "
+                                              "triple fact)" if not withheld else "evaluate.knowledge_items = 0"}
     report["icl_set"] = {"items": len(icl_items), "demonstration_pool": len(demos), "kshot": list(cfg.kshot),
                          "groups": {g: list(t) for g, t in TASK_GROUPS.items()}}
     eval_set = None
@@ -154,6 +186,10 @@ def evaluate(cfg: EvaluateConfig, paths: Paths) -> dict:
         if eval_set is not None and max_len_of(module) >= eval_set.seq_len:
             ppl = perplexity_by_group(torch_logits_fn(module), eval_set, cfg.batch_size)
             entry["metrics"]["perplexity"] = {key: ppl[key] for key in ("overall", "modality", "source", "lang", "groups")}
+        if facts:
+            known = knowledge_injection(module, tokenizer, facts, max_len_of(module), cfg.batch_size, cfg.seed)
+            entry["metrics"]["knowledge"] = {fmt: {k: v for k, v in known[fmt].items() if k != "predictions"}
+                                             for fmt in ("cloze", "qa")}
         if name in cfg.icl_models and icl_items:
             curve = kshot_curve(module, tokenizer, icl_items, demos, list(cfg.kshot), max_len_of(module),
                                 cfg.batch_size, cfg.seed)
@@ -163,7 +199,8 @@ def evaluate(cfg: EvaluateConfig, paths: Paths) -> dict:
                                           cfg.batch_size, seed=cfg.seed)
                 entry["metrics"]["rag"] = {**_icl_summary(rag), "top_k": cfg.rag_top_k,
                                            "recall_at_k": rag["recall_at_k"], "facts_mean": rag.get("facts_mean"),
-                                           "closed_book": _icl_summary(rag["closed_book"])}
+                                           "closed_book": _icl_summary(rag["closed_book"]),
+                                           "by_exposure": _rag_by_exposure(rag, withheld)}
         if cfg.bias:
             probe = bias_probe(module, tokenizer, model_max_len(module), cfg.batch_size)
             entry["metrics"]["bias"] = {axis: {lang: {k: v for k, v in figures.items() if k != "per_item"}
@@ -206,17 +243,21 @@ def summary_markdown(report: dict) -> str:
     held-out perplexity, k-shot accuracies and retrieval; what `fm run` prints at its end and the Prefect
     artifact holds."""
     shots = [str(k) for k in report.get("icl_set", {}).get("kshot", [])]
-    head = ["model", "params", "QA (chance)", "held-out ppl", *[f"{k}-shot" for k in shots], "retrieval (closed book)"]
+    head = ["model", "params", "QA (chance)", "held-out ppl", *[f"{k}-shot" for k in shots], "retrieval (closed book)",
+            "facts seen / unseen (cloze)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, entry in report["models"].items():
         m = entry["metrics"]
         qa = m.get("instruction_qa")
         ppl = m.get("perplexity", {}).get("overall", {}).get("perplexity")
         icl, rag = m.get("icl", {}), m.get("rag")
+        cloze = m.get("knowledge", {}).get("cloze")
         cells = [name, f"{entry['params'] / 1e6:.2f}M",
                  f"{qa['accuracy']:.3f} ({qa['chance']:.2f})" if qa else "-", f"{ppl:.1f}" if ppl else "-",
                  *[f"{icl[k]['accuracy']:.3f}" if k in icl else "-" for k in shots],
-                 f"{rag['accuracy']:.3f} ({rag['closed_book']['accuracy']:.3f})" if rag else "-"]
+                 f"{rag['accuracy']:.3f} ({rag['closed_book']['accuracy']:.3f})" if rag else "-",
+                 f"{cloze['seen']['accuracy']:.3f} / {cloze['unseen']['accuracy']:.3f}"
+                 if cloze and cloze["seen"]["accuracy"] is not None and cloze["unseen"]["accuracy"] is not None else "-"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -256,10 +297,22 @@ def metric_rows(report: dict) -> list[dict]:
         for k, res in entry["metrics"].get("icl", {}).items():
             rows.append({"model": model, "metric": f"icl_accuracy.{k}shot", "split": "heldout", "value": res["accuracy"],
                          "baseline": res["chance"]})
+        for fmt, res in entry["metrics"].get("knowledge", {}).items():
+            for group in ("seen", "unseen"):
+                if res[group]["accuracy"] is not None:
+                    rows.append({"model": model, "metric": f"knowledge_{fmt}_accuracy.{group}", "split": "probe",
+                                 "value": res[group]["accuracy"], "baseline": res["chance"]})
+            if res.get("gap") is not None:
+                rows.append({"model": model, "metric": f"knowledge_{fmt}_gap", "split": "probe", "value": res["gap"],
+                             "baseline": 0.0})
         rag = entry["metrics"].get("rag")
         if rag:
             rows.append({"model": model, "metric": f"rag_accuracy.top{rag['top_k']}", "split": "heldout",
                          "value": rag["accuracy"], "baseline": rag["closed_book"]["accuracy"]})
+            unseen = rag.get("by_exposure", {}).get("unseen")
+            if unseen:
+                rows.append({"model": model, "metric": f"rag_accuracy.top{rag['top_k']}.unseen", "split": "heldout",
+                             "value": unseen["accuracy"], "baseline": unseen["closed_book_accuracy"]})
             rows.append({"model": model, "metric": f"rag_recall.top{rag['top_k']}", "split": "heldout",
                          "value": rag["recall_at_k"], "baseline": None})
         for axis, by_lang in entry["metrics"].get("bias", {}).items():
