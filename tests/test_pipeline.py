@@ -13,6 +13,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -91,10 +92,14 @@ def stale(proj: Path) -> set[str]:
     return {key.split(":")[-1] for key in out}
 
 
+LAST_OUTPUT: list[str] = [""]  # what the latest fm_run printed
+
+
 def fm_run(*args: str) -> dict[str, dict]:
     """`fm run` in-process; returns each stage's status from the registry rows of this run."""
     result = runner.invoke(app, ["run", *args])
     assert result.exit_code == 0, result.output
+    LAST_OUTPUT[0] = result.output
     statuses = {}
     for line in result.output.splitlines():
         m = re.match(r"^(\w+)\s+(ran|skipped)\b", line)
@@ -119,7 +124,58 @@ def project(tmp_path, monkeypatch):
     return proj
 
 
+def _without_seconds(x):
+    if isinstance(x, dict):
+        return {k: _without_seconds(v) for k, v in x.items() if k != "seconds"}
+    if isinstance(x, list):
+        return [_without_seconds(v) for v in x]
+    return x
+
+
+def _assert_close(a, b, path="metrics"):
+    """Equal structure and strings; numbers to 1e-5 relative (a batch's shape changes float summation order)."""
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and set(a) == set(b), (path, set(a) ^ set(b))
+        for k in a:
+            _assert_close(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, list):
+        assert isinstance(b, list) and len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_close(x, y, f"{path}[{i}]")
+    elif isinstance(a, float) or isinstance(b, float):
+        assert b == pytest.approx(a, rel=1e-5, abs=1e-6), (path, a, b)
+    else:
+        assert a == b, (path, a, b)
+
+
+def assert_summary_printed_published_and_batch_size_free(project: Path, metrics: dict, started: float) -> None:
+    """The evaluation summary is printed at the end of `fm run` and published as the Prefect markdown artifact
+    fm-evaluation; and the whole evaluate stage gives the same figures at another batch size."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    from fm.config import load_params
+    from fm.eval.stage import evaluate, summary_markdown
+    from fm.paths import Paths
+
+    table = summary_markdown(metrics)
+    assert table in LAST_OUTPUT[0] and "facts seen / unseen" in table
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["fm-evaluation"])))
+    latest = max(artifacts, key=lambda a: a.created)
+    assert latest.created.timestamp() > started and latest.type == "markdown" and table in latest.data
+
+    copy = project.parent / "batch-size"
+    shutil.copytree(project / "data", copy, ignore=shutil.ignore_patterns("01_raw", "fm.duckdb*"))
+    tiny = load_params(project / "params.yaml").evaluate
+    assert tiny.batch_size != 3
+    evaluate(dataclasses.replace(tiny, batch_size=3), Paths(project / "data" / "01_raw", copy))
+    other = json.loads((copy / "08_reports" / "metrics.json").read_text())
+    _assert_close(_without_seconds(metrics), _without_seconds(other))
+
+
 def test_fm_run_then_each_kind_of_edit_reruns_exactly_the_stale_stages(project):
+    started = time.time()
     statuses = fm_run()
     assert ran(statuses) == set(STAGES), statuses
     for layer in ("02_ingested", "03_validated", "04_curated", "05_tokens/shards"):
@@ -193,6 +249,7 @@ def test_fm_run_then_each_kind_of_edit_reruns_exactly_the_stale_stages(project):
                    "and split = 'heldout'").fetchone()[0] >= 7
     assert con.execute("select count(distinct run_id) from run_metrics").fetchone()[0] >= 1
     con.close()
+    assert_summary_printed_published_and_batch_size_free(project, metrics, started)
 
     # export: a broken gate fails the stage and leaves the published export as it was; a tampered file is named
     from fm.config import load_params
