@@ -321,6 +321,43 @@ def compare_cmd(
     console.print(table if shown else f"{a} and {b}: every metric is the same ({len(rows)} compared)")
 
 
+def metrics_pivot(rows: list[dict], grep: str = "") -> str:
+    """metrics.csv rows as one Markdown table: a row per (metric, split), a column per model, the baseline last
+    (the one value every model shares, or "per model" when they differ)."""
+    rows = [r for r in rows if grep in r["metric"]]
+    models = list(dict.fromkeys(r["model"] for r in rows))  # those with a metric in the table
+    keys = list(dict.fromkeys((r["metric"], r["split"]) for r in rows))
+    cell = {(r["metric"], r["split"], r["model"]): r for r in rows}
+    fmt = lambda v: "" if v in (None, "") else f"{float(v):.4g}"  # noqa: E731
+    lines = ["| metric | split | " + " | ".join(models) + " | baseline |", "|---|---|" + "---|" * (len(models) + 1)]
+    for metric, split in keys:
+        got = [cell.get((metric, split, m)) for m in models]
+        baselines = {fmt(r["baseline"]) for r in got if r is not None}
+        base = baselines.pop() if len(baselines) == 1 else "per model"
+        lines.append(f"| {metric} | {split} | " + " | ".join(fmt(r["value"]) if r else "" for r in got) + f" | {base} |")
+    return "\n".join(lines) + "\n"
+
+
+@app.command("metrics")
+def metrics_cmd(
+    grep: Annotated[str, typer.Option("--grep", help="Only the metrics whose name contains this text, e.g. knowledge.")] = "",
+    workdir: WorkdirOpt = None,
+) -> None:
+    """Print the latest evaluation (08_reports/metrics.csv) as one Markdown table: every metric, every model."""
+    import csv
+
+    ctx = run_context(None, workdir, None, None)
+    path = ctx.paths.workdir / "08_reports" / "metrics.csv"
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+    except OSError as e:
+        raise fail("metrics", e)
+    if not rows or not {"model", "metric", "split", "value", "baseline"} <= set(rows[0]):
+        raise fail("metrics", ValueError(f"{path} holds no metric rows: rerun `fm evaluate`"))
+    print(metrics_pivot(rows, grep), end="")
+
+
 @app.command("plan")
 def plan(
     raw: RawOpt = None,

@@ -26,6 +26,7 @@ import json
 import os
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from fm.io import sha256_file
@@ -57,6 +58,20 @@ def _connect(paths: Paths):
 
     paths.workdir.mkdir(parents=True, exist_ok=True)
     return duckdb.connect(str(paths.duckdb))
+
+
+@contextmanager
+def _open(paths: Paths, must_exist: bool = False):
+    """The registry's connection, its tables ensured, held under the process's writer lock."""
+    if must_exist and not paths.duckdb.is_file():
+        raise ValueError(f"{paths.duckdb} not found: no run has been recorded in this work dir")
+    with _mutex:
+        con = _connect(paths)
+        try:
+            _ensure_tables(con)
+            yield con
+        finally:
+            con.close()
 
 
 def _file_hash(path: str) -> str:
@@ -174,42 +189,32 @@ def log_run(paths: Paths, stage: str, status: str, started: float, recorded: boo
     if status == "ran" and stage in STAGES:  # hashed outside the lock: parallel branches need not wait on it
         inputs, outputs = (json.dumps(h) for h in stage_hashes(paths, stage))
     params_json = None if params is None else json.dumps(params, default=str, ensure_ascii=False)
-    with _mutex:
-        con = _connect(paths)
-        try:
-            _ensure_tables(con)
-            con.execute("insert into stage_runs (stage, status, started, seconds, recorded_in_dvc, note, overrides, "
-                        "summary, run_id, params, inputs, outputs) values (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                        [stage, status, started, seconds, recorded, note, json.dumps(list(overrides)),
-                         json.dumps(summary, default=str, ensure_ascii=False), run_id, params_json, inputs, outputs])
-            metrics = STAGES[stage].run_metrics if stage in STAGES else ""
-            if status == "ran" and metrics and resolve(metrics, paths).is_file():
-                con.execute("delete from run_metrics where run_id = ? and stage = ?", [run_id, stage])
-                con.execute("insert into run_metrics select ?, ?, model, metric, split, try_cast(value as double), "
-                            "try_cast(baseline as double) from read_csv(?, all_varchar = true)",
-                            [run_id, stage, str(resolve(metrics, paths))])
-        finally:
-            con.close()
+    with _open(paths) as con:
+        con.execute("insert into stage_runs (stage, status, started, seconds, recorded_in_dvc, note, overrides, "
+                    "summary, run_id, params, inputs, outputs) values (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    [stage, status, started, seconds, recorded, note, json.dumps(list(overrides)),
+                     json.dumps(summary, default=str, ensure_ascii=False), run_id, params_json, inputs, outputs])
+        metrics = STAGES[stage].run_metrics if stage in STAGES else ""
+        if status == "ran" and metrics and resolve(metrics, paths).is_file():
+            con.execute("delete from run_metrics where run_id = ? and stage = ?", [run_id, stage])
+            con.execute("insert into run_metrics select ?, ?, model, metric, split, try_cast(value as double), "
+                        "try_cast(baseline as double) from read_csv(?, all_varchar = true)",
+                        [run_id, stage, str(resolve(metrics, paths))])
 
 
 def list_runs(paths: Paths, limit: int = 20) -> list[dict]:
     """The latest runs, newest first: run id, start, seconds, stages ran / skipped / failed, metric rows."""
     if not paths.duckdb.is_file():
         return []
-    with _mutex:
-        con = _connect(paths)
-        try:
-            _ensure_tables(con)
-            rows = con.sql(f"""
-                select r.run_id, min(r.started) as started, max(r.started + r.seconds) - min(r.started) as seconds,
-                       count(*) filter (where r.status = 'ran') as ran,
-                       count(*) filter (where r.status = 'skipped') as skipped,
-                       count(*) filter (where r.status = 'failed') as failed,
-                       (select count(*) from run_metrics m where m.run_id = r.run_id) as metrics
-                from stage_runs r where coalesce(r.run_id, '') <> ''
-                group by r.run_id order by started desc limit {int(limit)}""").fetchall()
-        finally:
-            con.close()
+    with _open(paths) as con:
+        rows = con.execute("""
+            select r.run_id, min(r.started) as started, max(r.started + r.seconds) - min(r.started) as seconds,
+                   count(*) filter (where r.status = 'ran') as ran,
+                   count(*) filter (where r.status = 'skipped') as skipped,
+                   count(*) filter (where r.status = 'failed') as failed,
+                   (select count(*) from run_metrics m where m.run_id = r.run_id) as metrics
+            from stage_runs r where coalesce(r.run_id, '') <> ''
+            group by r.run_id order by started desc limit ?""", [int(limit)]).fetchall()
     keys = ("run_id", "started", "seconds", "ran", "skipped", "failed", "metrics")
     return [dict(zip(keys, row)) for row in rows]
 
@@ -240,17 +245,10 @@ def _resolve_run(con, ref: str, with_metrics: bool = True) -> str:
 def run_stages(paths: Paths, ref: str) -> list[dict]:
     """The stage rows of one run (a full id, a unique prefix, `latest` or `latest~N`), in the order they
     started, with params, inputs and outputs decoded from JSON (None where not recorded)."""
-    if not paths.duckdb.is_file():
-        raise ValueError(f"{paths.duckdb} not found: no run has been recorded in this work dir")
-    with _mutex:
-        con = _connect(paths)
-        try:
-            _ensure_tables(con)
-            run_id = _resolve_run(con, ref, with_metrics=False)
-            rows = con.execute("select run_id, stage, status, started, seconds, recorded_in_dvc, note, params, inputs, "
-                               "outputs from stage_runs where run_id = ? order by started, rowid", [run_id]).fetchall()
-        finally:
-            con.close()
+    with _open(paths, must_exist=True) as con:
+        run_id = _resolve_run(con, ref, with_metrics=False)
+        rows = con.execute("select run_id, stage, status, started, seconds, recorded_in_dvc, note, params, inputs, "
+                           "outputs from stage_runs where run_id = ? order by started, rowid", [run_id]).fetchall()
     keys = ("run_id", "stage", "status", "started", "seconds", "recorded", "note", "params", "inputs", "outputs")
     decoded = lambda v: None if v is None else json.loads(v)  # noqa: E731
     return [{**dict(zip(keys, row)), **{k: decoded(v) for k, v in zip(keys[7:], row[7:])}} for row in rows]
@@ -258,21 +256,14 @@ def run_stages(paths: Paths, ref: str) -> list[dict]:
 
 def compare_runs(paths: Paths, a: str, b: str) -> tuple[str, str, list[dict]]:
     """(run a, run b, rows): every metric of either run's evaluation, its two values and b - a."""
-    if not paths.duckdb.is_file():
-        raise ValueError(f"{paths.duckdb} not found: no run has been recorded in this work dir")
-    with _mutex:
-        con = _connect(paths)
-        try:
-            _ensure_tables(con)
-            run_a, run_b = _resolve_run(con, a), _resolve_run(con, b)
-            rows = con.execute("""
-                select coalesce(x.model, y.model), coalesce(x.metric, y.metric), coalesce(x.split, y.split),
-                       x.value, y.value, y.value - x.value
-                from (select * from run_metrics where run_id = ?) x
-                full outer join (select * from run_metrics where run_id = ?) y
-                  on x.model = y.model and x.metric = y.metric and x.split = y.split
-                order by 1, 2, 3""", [run_a, run_b]).fetchall()
-        finally:
-            con.close()
+    with _open(paths, must_exist=True) as con:
+        run_a, run_b = _resolve_run(con, a), _resolve_run(con, b)
+        rows = con.execute("""
+            select coalesce(x.model, y.model), coalesce(x.metric, y.metric), coalesce(x.split, y.split),
+                   x.value, y.value, y.value - x.value
+            from (select * from run_metrics where run_id = ?) x
+            full outer join (select * from run_metrics where run_id = ?) y
+              on x.model = y.model and x.metric = y.metric and x.split = y.split
+            order by 1, 2, 3""", [run_a, run_b]).fetchall()
     keys = ("model", "metric", "split", "a", "b", "diff")
     return run_a, run_b, [dict(zip(keys, row)) for row in rows]

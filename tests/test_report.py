@@ -315,3 +315,33 @@ def test_report_opens_in_chromium_without_errors_and_draws_every_figure(run_dir,
         saturated = pixels[pixels.max(axis=1) - pixels.min(axis=1) > 60]  # plot lines, bars, markers
         colours = {tuple(p) for p in saturated}
         assert ink > 0.01 and len(colours) >= 3, (b["id"], ink, len(colours))
+
+
+def test_fm_metrics_prints_every_metric_of_every_model_as_one_table(tmp_path):
+    from typer.testing import CliRunner
+
+    from fm.cli import app
+
+    (tmp_path / "08_reports").mkdir()
+    (tmp_path / "08_reports" / "metrics.csv").write_text(
+        "model,metric,split,value,baseline\n"
+        "pretrained,instruction_qa_accuracy,heldout,0.3125,0.25\n"
+        "student,instruction_qa_accuracy,heldout,0.30801,0.25\n"
+        "student,knowledge_cloze_gap,probe,0.05,0.0\n"
+        "pretrained,perplexity,heldout,273.24,\n"
+        "student_export,int8_top1_agreement,heldout,0.988,0.9\n"
+        "student,bias.gender.en.mean_gap,probe,-0.98,0.0\n"
+        "pretrained,bias.gender.en.mean_gap,probe,0.25,0.1\n")
+    result = CliRunner().invoke(app, ["metrics", "--workdir", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0] == "| metric | split | pretrained | student | student_export | baseline |"
+    assert "| instruction_qa_accuracy | heldout | 0.3125 | 0.308 |  | 0.25 |" in lines
+    assert "| knowledge_cloze_gap | probe |  | 0.05 |  | 0 |" in lines
+    assert "| perplexity | heldout | 273.2 |  |  |  |" in lines
+    assert "| bias.gender.en.mean_gap | probe | 0.25 | -0.98 |  | per model |" in lines  # baselines differ
+    only = CliRunner().invoke(app, ["metrics", "--workdir", str(tmp_path), "--grep", "knowledge"]).output.splitlines()
+    assert only[0] == "| metric | split | student | baseline |" and len(only) == 3
+    (tmp_path / "08_reports" / "metrics.csv").write_text("nothing here\n")
+    broken = CliRunner().invoke(app, ["metrics", "--workdir", str(tmp_path)])
+    assert broken.exit_code == 1 and "holds no metric rows" in broken.output
