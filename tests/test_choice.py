@@ -111,6 +111,40 @@ def test_a_domain_routed_moe_scores_each_pair_with_its_own_domain():
         continuation_logprobs(model, pairs, max_len=32)
 
 
+def option_pairs(n_questions=6, n_options=4, seed=3) -> list[tuple[list[int], list[int]]]:
+    """Multiple-choice pairs: each question's context with several continuations of different lengths."""
+    rng = random.Random(seed)
+    pairs = []
+    for _ in range(n_questions):
+        context = [rng.randrange(VOCAB) for _ in range(rng.randint(1, 10))]
+        pairs += [(context, [rng.randrange(VOCAB) for _ in range(rng.randint(1, 5))]) for _ in range(n_options)]
+    rng.shuffle(pairs)  # a question's options need not be adjacent
+    return pairs
+
+
+@pytest.mark.parametrize("wrap", ["none", "prefix", "prompt", "moe"])
+def test_options_of_one_context_are_packed_in_one_row_with_the_scores_of_separate_rows(wrap, monkeypatch):
+    """The context is computed once per question, not once per option (fewer, shorter rows), and every option
+    scores what a full forward of context + option gives, greedy flags included."""
+    base = base_model(**({"moe_layers": "all", "moe_routing": "topk"} if wrap == "moe" else {}))
+    torch.manual_seed(1)
+    model = {"none": base, "moe": base, "prefix": PrefixTuning(base, n_prefix=4, init_std=1.0),
+             "prompt": PromptTuning(base, n_virtual=4)}[wrap]
+    pairs = option_pairs() + random_pairs(3, seed=9)  # and some pairs alone
+    rows = []
+    forward = type(model).forward
+    monkeypatch.setattr(type(model), "forward", lambda self, idx, *a, **kw: rows.append(
+        (idx.shape, kw.get("doc_ids") is not None)) or forward(self, idx, *a, **kw))
+    got = continuation_logprobs(model, pairs, max_len=model_max_len(model), batch_size=2)
+    monkeypatch.undo()
+    assert_matches(got, [manual(model, c, x) for c, x in pairs], atol=1e-4)
+    assert sum(shape[0] for shape, packed in rows if packed) == 6  # one row per question
+    assert sum(shape[0] for shape, packed in rows if not packed) == 3
+    # a question whose options do not fit max_len together is scored one option per row
+    long = [(list(range(1, 20)), [5, 6, 7, 8]) for _ in range(4)]
+    assert_matches(continuation_logprobs(base, long, max_len=32), [manual(base, c, x) for c, x in long], atol=1e-4)
+
+
 def test_pad_id_does_not_change_the_scores():
     model = base_model()
     pairs = random_pairs(8, seed=2)

@@ -61,6 +61,46 @@ def model_max_len(model: nn.Module) -> int:
     return seq_len
 
 
+def _packs(model: nn.Module) -> bool:
+    """Whether model scores packed rows (Decoder.forward's doc_ids): a torch Decoder, or an adapter around one,
+    with causal dense attention. An exported graph (OnnxLM) takes ids only."""
+    decoder = _decoder(model)
+    return isinstance(decoder, Decoder) and decoder.cfg.causal and decoder.cfg.attention == "dense"
+
+
+def _units(pairs: list[tuple[list[int], list[int]]], max_len: int, domains: list[int] | None, pack: bool) -> list[dict]:
+    """The rows to feed, each with the (pair, position, target) entries it scores.
+
+    A context shared by several pairs (the options of one question) becomes one packed row when it fits:
+    the context once (doc id -1, shared) and each continuation after it as its own document (doc ids 0, 1,
+    ...), so every continuation sits at the positions and sees the tokens it would alone. Its first token
+    is predicted at the context's last position, its k-th at its own (k-1)-th. Any other pair is the row
+    context + continuation without its last token, cut from the left to max_len."""
+    groups: dict[tuple, list[int]] = {}
+    for i, (context, _) in enumerate(pairs):
+        groups.setdefault((tuple(context), None if domains is None else domains[i]), []).append(i)
+    units, single = [], []
+    for (context, domain), members in groups.items():
+        conts = [pairs[i][1] for i in members]
+        if not pack or len(members) < 2 or len(context) + sum(map(len, conts)) > max_len:
+            single.extend(members)
+            continue
+        ids, doc, entries = list(context), [-1] * len(context), []
+        for d, (i, cont) in enumerate(zip(members, conts)):
+            begin = len(ids)
+            ids.extend(cont)
+            doc.extend([d] * len(cont))
+            entries.extend((i, len(context) - 1 if k == 0 else begin + k - 1, tok) for k, tok in enumerate(cont))
+        units.append({"ids": ids, "doc": doc, "entries": entries, "domain": domain})
+    for i in sorted(single):
+        context, cont = pairs[i]
+        ids = [*context, *cont][-max_len:]
+        n = len(ids) - 1  # inputs drop the last token: nothing follows it
+        units.append({"ids": ids[:-1], "doc": None, "domain": None if domains is None else domains[i],
+                      "entries": [(i, n - len(cont) + k, tok) for k, tok in enumerate(cont)]})
+    return units
+
+
 def continuation_logprobs(model: nn.Module, pairs: list[tuple[list[int], list[int]]], max_len: int,
                           batch_size: int = 32, pad_id: int = 1, device="cpu",
                           domains: list[int] | None = None) -> list[tuple[float, bool]]:
@@ -70,10 +110,13 @@ def continuation_logprobs(model: nn.Module, pairs: list[tuple[list[int], list[in
     max_len tokens by dropping tokens from the left of the context, never from the continuation (a
     continuation of more than max_len - 1 tokens is a ValueError: its first token needs at least one
     token before it). The last token is never fed, so the model sees at most max_len - 1 positions.
-    Results come back in the order of pairs. batch_size: rows per forward at max_len tokens; shorter rows
-    fill a forward up to batch_size * max_len tokens. The model must already be on device. pad_id is fm's
-    <|pad|>; as right padding it is never attended to by a scored position, so any id would do.
-    domains: one domain id per pair, for a domain-routed MoE (fm.models.moe); else None.
+    Pairs with the same context (the options of one question) are scored in one packed row when the
+    context and all of them fit in max_len (see _units): the context is computed once, not once per
+    option, with the same figures to float rounding. Results come back in the order of pairs.
+    batch_size: rows per forward at max_len tokens; shorter rows fill a forward up to batch_size * max_len
+    tokens. The model must already be on device. pad_id is fm's <|pad|>; as right padding it is never
+    attended to by a scored position, so any id would do. domains: one domain id per pair, for a
+    domain-routed MoE (fm.models.moe); else None.
     """
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -81,57 +124,62 @@ def continuation_logprobs(model: nn.Module, pairs: list[tuple[list[int], list[in
         raise ValueError(f"{len(domains)} domains for {len(pairs)} pairs")
     if not _decoder(model).cfg.causal:
         raise ValueError("log-likelihood scoring needs a causal model (a bidirectional one sees the continuation)")
-    seqs = []  # (ids of context + continuation within max_len, continuation length)
     for i, (context, continuation) in enumerate(pairs):
         if not context or not continuation:
             raise ValueError(f"pair {i}: the context and the continuation must both be non-empty")
         if len(continuation) > max_len - 1:
             raise ValueError(f"pair {i}: a continuation of {len(continuation)} tokens does not fit max_len={max_len} "
                              f"after at least one context token")
-        seqs.append(([*context, *continuation][-max_len:], len(continuation)))
-
-    # Longest first; sorted() is stable, so equal lengths keep input order (deterministic batches).
-    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i][0]))
+    units = _units(pairs, max_len, domains, _packs(model))
+    # Packed rows apart from plain ones (only they need a mask); longest first, so a too-large batch fails at
+    # once; sorted() is stable, so equal lengths keep their order (deterministic batches).
+    order = sorted(range(len(units)), key=lambda u: (units[u]["doc"] is None, -len(units[u]["ids"])))
     batches, start = [], 0
     while start < len(order):  # the first row of a batch is its longest: rows x its length <= the token budget
-        longest = max(len(seqs[order[start]][0]) - 1, 1)
+        kind, longest = units[order[start]]["doc"] is None, max(len(units[order[start]]["ids"]), 1)
         n_rows = max(batch_size, batch_size * max_len // longest)
-        batches.append(order[start:start + n_rows])
-        start += n_rows
-    results: list[tuple[float, bool] | None] = [None] * len(seqs)
+        rows = [u for u in order[start:start + n_rows] if (units[u]["doc"] is None) == kind]
+        batches.append(rows)
+        start += len(rows)
+    token_logp: list[list[float]] = [[] for _ in pairs]  # per pair, its tokens' log-probs in order
+    greedy = [True] * len(pairs)
     was_training = model.training
     model.eval()  # no dropout; an MoE routes without capacity, so rows do not affect each other
     try:
         with torch.no_grad():
             for rows in batches:
-                T = max(len(seqs[i][0]) for i in rows) - 1  # inputs drop the last token: nothing follows it
+                T = max(len(units[u]["ids"]) for u in rows)
                 inputs = torch.full((len(rows), T), pad_id, dtype=torch.long)  # (B, T)
-                targets = torch.zeros((len(rows), T), dtype=torch.long)  # (B, T): the token after each position
-                scored = torch.zeros((len(rows), T), dtype=torch.bool)  # (B, T): where the continuation is predicted
-                for r, i in enumerate(rows):
-                    ids, n_cont = seqs[i]
-                    n = len(ids) - 1
-                    inputs[r, :n] = torch.tensor(ids[:-1])
-                    targets[r, :n] = torch.tensor(ids[1:])
-                    scored[r, n - n_cont:n] = True
-                inputs, targets, scored = inputs.to(device), targets.to(device), scored.to(device)
-                routing = {} if domains is None else {"domains": torch.tensor([domains[i] for i in rows], device=device)}
-                logits = model(inputs, **routing)[0]  # (B, T, V)
-                # Only the continuation's positions: a few per row, where an fp32 copy of all (B, T, V)
-                # logits would be the largest tensor of the run. fp32, since bf16 keeps ~3 significant digits.
-                logp = F.log_softmax(logits[scored].float(), dim=-1)  # (M, V), M = scored positions of the batch
-                picked = targets[scored]  # (M,)
-                token_logp = torch.zeros(scored.shape, device=logp.device)  # (B, T)
-                token_logp[scored] = logp.gather(-1, picked[:, None])[:, 0]
-                miss = torch.zeros(scored.shape, dtype=torch.bool, device=logp.device)  # (B, T)
-                miss[scored] = logp.argmax(dim=-1) != picked
-                total = token_logp.sum(dim=1)  # (B,): a plain row sum, the same order on every device
-                greedy = ~miss.any(dim=1)  # (B,)
-                for i, lp, g in zip(rows, total.tolist(), greedy.tolist()):  # one device sync per batch
-                    results[i] = (lp, g)
+                packed = units[rows[0]]["doc"] is not None
+                doc = torch.full((len(rows), T), 1 << 30, dtype=torch.long) if packed else None  # (B, T): pads apart
+                where, targets, owner = [], [], []
+                for r, u in enumerate(rows):
+                    unit = units[u]
+                    inputs[r, :len(unit["ids"])] = torch.tensor(unit["ids"])
+                    if packed:
+                        doc[r, :len(unit["doc"])] = torch.tensor(unit["doc"])
+                    for i, pos, tok in unit["entries"]:
+                        where.append((r, pos))
+                        targets.append(tok)
+                        owner.append(i)
+                kwargs = {} if domains is None else {
+                    "domains": torch.tensor([units[u]["domain"] for u in rows], device=device)}
+                if packed:
+                    kwargs["doc_ids"] = doc.to(device)
+                logits = model(inputs.to(device), **kwargs)[0]  # (B, T, V)
+                at = torch.tensor(where, device=logits.device)  # (M, 2)
+                # Only the scored positions: a few per row, where an fp32 copy of all (B, T, V) logits would be
+                # the largest tensor of the run. fp32, since bf16 keeps ~3 significant digits.
+                logp = F.log_softmax(logits[at[:, 0], at[:, 1]].float(), dim=-1)  # (M, V)
+                picked = torch.tensor(targets, device=logp.device)  # (M,)
+                values = logp.gather(-1, picked[:, None])[:, 0].tolist()  # (M,), one device sync per batch
+                hits = (logp.argmax(dim=-1) == picked).tolist()
+                for i, v, hit in zip(owner, values, hits):
+                    token_logp[i].append(v)
+                    greedy[i] = greedy[i] and hit
     finally:
         model.train(was_training)  # leave the caller's model as it was
-    return results
+    return [(float(sum(lps)), g) for lps, g in zip(token_logp, greedy)]  # each pair's tokens summed in order
 
 
 def multiple_choice(model: nn.Module, chat: ChatTemplate, items: list[dict], max_len: int, batch_size: int = 32,
