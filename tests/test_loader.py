@@ -112,3 +112,31 @@ def test_intact_shards_pass_verification(sample_shards):
     shard_dir = sample_shards.tokens / "shards"
     token_bytes = sum(e["bytes"] for e in load_manifest(shard_dir)["shards"] if e["kind"] == "tokens")
     assert verify_token_shards(shard_dir) == token_bytes > 0  # every token shard read once, nothing refused
+
+
+def test_each_modality_keeps_its_permutation_while_modalities_interleave(sample_shards, monkeypatch):
+    """One window permutation per modality and epoch, however the mixed draws alternate (not one per switch of
+    modality, which made batch time grow with the corpus); batches and resume state are what the cache-less
+    rule gives: window perm(seed, m, epoch)[k % n] for the k-th sample of modality m."""
+    shard_dir = sample_shards.tokens / "shards"
+    made = []
+    real_rng = np.random.default_rng
+    monkeypatch.setattr(np.random, "default_rng", lambda seed=None: made.append(seed) or real_rng(seed))
+    loader = TokenLoader(shard_dir, seq_len=16, batch_size=16, weights={"text": 1, "code": 1}, seed=5)
+    batches = [loader.next_batch() for _ in range(10)]
+    monkeypatch.undo()
+    perms = [s for s in made if isinstance(s, list) and len(s) == 4 and s[1] == 2]
+    assert sorted(map(tuple, perms)) == sorted({tuple(s) for s in perms})  # each (modality, epoch) built once
+    assert {s[2] for s in perms} == {0, 1}  # text and code, both drawn
+    codes = load_manifest(shard_dir)["codes"]["modality"]
+    flat = {m: stream(shard_dir, m) for m in ("text", "code")}
+    used = {"text": 0, "code": 0}
+    for x, y, domains in batches:
+        for row_x, row_y, dom in zip(x, y, domains):
+            m = codes[dom]
+            first, end = loader._windows[m]
+            epoch, pos = divmod(used[m], end - first)
+            window = first + int(real_rng([5, 2, codes.index(m), epoch]).permutation(end - first)[pos])
+            assert np.array_equal(torch.cat([row_x, row_y[-1:]]).numpy(), flat[m][window * 17:(window + 1) * 17])
+            used[m] += 1
+    assert loader.state_dict()["used"] == used and loader.state_dict()["sample_cursor"] == 160

@@ -141,7 +141,7 @@ class TokenLoader:
         self.sample_cursor = 0
         self.used = {m: 0 for m in self.modalities}
         self._draw_cache: tuple[int, np.ndarray] | None = None
-        self._perm_cache: dict[tuple[str, int], np.ndarray] = {}
+        self._perm_cache: dict[str, tuple[int, np.ndarray]] = {}  # per modality: (epoch, its window permutation)
 
     # ------------------------------------------------------------------ sampling
 
@@ -156,10 +156,11 @@ class TokenLoader:
         first, end = self._windows[m]
         n = end - first
         epoch, pos = divmod(k, n)
-        key = (m, epoch)
-        if key not in self._perm_cache:
-            self._perm_cache = {key: np.random.default_rng([self.seed, 2, self.modality_codes.index(m), epoch]).permutation(n)}
-        return first + int(self._perm_cache[key][pos])
+        cached = self._perm_cache.get(m)
+        if cached is None or cached[0] != epoch:  # once per modality and epoch, however the modalities interleave
+            cached = self._perm_cache[m] = (epoch, np.random.default_rng(
+                [self.seed, 2, self.modality_codes.index(m), epoch]).permutation(n))
+        return first + int(cached[1][pos])
 
     def _read(self, m: str, window_id: int) -> np.ndarray:
         """Tokens [window_id * (T+1), +T+1) of modality m's stream, across shard boundaries."""
