@@ -345,6 +345,7 @@ def metrics_cmd(
 ) -> None:
     """Print the latest evaluation (08_reports/metrics.csv) as one Markdown table: every metric, every model."""
     import csv
+    import json
 
     ctx = run_context(None, workdir, None, None)
     path = ctx.paths.workdir / "08_reports" / "metrics.csv"
@@ -355,7 +356,13 @@ def metrics_cmd(
         raise fail("metrics", e)
     if not rows or not {"model", "metric", "split", "value", "baseline"} <= set(rows[0]):
         raise fail("metrics", ValueError(f"{path} holds no metric rows: rerun `fm evaluate`"))
-    print(metrics_pivot(rows, grep), end="")
+    try:  # the evaluated models first, then the export's rows (gates, per-runtime perplexity) in a table of their own
+        evaluated = set(json.loads((path.parent / "metrics.json").read_text())["models"])
+    except (OSError, ValueError, KeyError):
+        evaluated = {r["model"] for r in rows}
+    tables = [metrics_pivot(part, grep) for part in ([r for r in rows if r["model"] in evaluated],
+                                                     [r for r in rows if r["model"] not in evaluated]) if part]
+    print("\n".join(t for t in tables if t.count("\n") > 2), end="")
 
 
 @app.command("plan")

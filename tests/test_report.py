@@ -340,6 +340,10 @@ def test_fm_metrics_prints_every_metric_of_every_model_as_one_table(tmp_path):
     assert "| knowledge_cloze_gap | probe |  | 0.05 |  | 0 |" in lines
     assert "| perplexity | heldout | 273.2 |  |  |  |" in lines
     assert "| bias.gender.en.mean_gap | probe | 0.25 | -0.98 |  | per model |" in lines  # baselines differ
+    (tmp_path / "08_reports" / "metrics.json").write_text(json.dumps({"models": {"pretrained": {}, "student": {}}}))
+    split = CliRunner().invoke(app, ["metrics", "--workdir", str(tmp_path)]).output.splitlines()
+    assert split[0] == "| metric | split | pretrained | student | baseline |"  # the evaluated models
+    assert "| metric | split | student_export | baseline |" in split  # the export's rows in a table of their own
     only = CliRunner().invoke(app, ["metrics", "--workdir", str(tmp_path), "--grep", "knowledge"]).output.splitlines()
     assert only[0] == "| metric | split | student | baseline |" and len(only) == 3
     (tmp_path / "08_reports" / "metrics.csv").write_text("nothing here\n")

@@ -19,6 +19,9 @@ import hashlib
 import pyarrow as pa
 
 MODALITIES = ("text", "code", "image_text", "triples")
+# The data stages write each modality's table as Parquet row groups of at most this many rows and read
+# them back a row group at a time, so their memory does not grow with the corpus (issue 13).
+PARTITION_ROWS = 4096
 
 COMMON_FIELDS = [
     pa.field("id", pa.string(), nullable=False),
