@@ -212,7 +212,7 @@ def test_interrupted_run_leaves_nothing_that_looks_done(built, tmp_path, monkeyp
     (work.tokens / "tokenizer.json").write_bytes((paths.tokens / "tokenizer.json").read_bytes())
 
     calls = {"n": 0}
-    real = shards.write_arrow_shards
+    real = shards.ArrowShardWriter.close
 
     def failing(*args, **kwargs):  # fail after the first modality's token shards are on disk
         calls["n"] += 1
@@ -220,18 +220,18 @@ def test_interrupted_run_leaves_nothing_that_looks_done(built, tmp_path, monkeyp
             raise OSError("disk full")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(shards, "write_arrow_shards", failing)
+    monkeypatch.setattr(shards.ArrowShardWriter, "close", failing)
     with pytest.raises(OSError, match="disk full"):
         write_shards(cfg, work)
     assert calls["n"] == 2
     assert sorted(p.name for p in work.tokens.iterdir()) == ["tokenizer.json"]  # no shards/, no temp folder
 
     # a failure on rerun keeps the previous complete output, untouched
-    monkeypatch.setattr(shards, "write_arrow_shards", real)
+    monkeypatch.setattr(shards.ArrowShardWriter, "close", real)
     write_shards(cfg, work)
     before = (work.tokens / "shards" / "manifest.json").read_text()
     calls["n"] = 0
-    monkeypatch.setattr(shards, "write_arrow_shards", failing)
+    monkeypatch.setattr(shards.ArrowShardWriter, "close", failing)
     with pytest.raises(OSError):
         write_shards(cfg, work)
     assert (work.tokens / "shards" / "manifest.json").read_text() == before

@@ -23,6 +23,16 @@ MODALITIES = ("text", "code", "image_text", "triples")
 # them back a row group at a time, so their memory does not grow with the corpus (issue 13).
 PARTITION_ROWS = 4096
 
+
+def rows_per_batch(path, max_rows: int = PARTITION_ROWS, max_bytes: int = 16 << 20) -> int:
+    """Rows per batch for reading the Parquet file at `path`: max_rows, or fewer when its rows are large, so that
+    a batch holds about max_bytes of (uncompressed) rows. From the file's metadata: the same however a stage runs."""
+    import pyarrow.parquet as pq
+
+    meta = pq.ParquetFile(path).metadata
+    size = sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
+    return max(1, min(max_rows, max_bytes * max(meta.num_rows, 1) // max(size, 1)))
+
 COMMON_FIELDS = [
     pa.field("id", pa.string(), nullable=False),
     pa.field("modality", pa.string(), nullable=False),

@@ -34,6 +34,12 @@ France") are joined one per line into one document:
     <|triples|><|lang:en|>Paris | capital of | France
     Paris | located in | Europe<|endoftext|>
 
+Memory does not grow with the corpus (issue 13). The order is planned on a few key columns (stream_plan:
+ids, or the triples' grouping keys), then DuckDB streams the rows in that order out of core
+(ordered_batches, spilling to a temporary folder under 05_tokens), PARTITION_ROWS rows at a time, into the
+tokenizer (batches of ENCODE_BATCH_BYTES of text), the token shard writer and the Arrow shard writers. The
+outputs do not depend on how the rows are batched.
+
 Knowledge-injection control: the triples of the facts listed in `05_instructions/withheld.parquet`
 (fm.data.instructions: a share of the instruction set's held-out facts) are left out, matched on
 (subject, relation, lang); the manifest's `withheld` entry counts them and records that file's sha256.
@@ -45,6 +51,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import tempfile
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -56,10 +63,10 @@ import pyarrow.compute as pc
 import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from fm.config import ShardConfig
-from fm.data.schema import MODALITIES
+from fm.data.schema import MODALITIES, PARTITION_ROWS, rows_per_batch
 from fm.data.tokenizer import SPECIAL_IDS, curated_tables, lang_token, load_tokenizer, modality_token
 from fm.io import atomic_dir, sha256_file
 from fm.paths import Paths
@@ -85,29 +92,32 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 # ---------------------------------------------------------------- documents in stream order
 
-def stream_order(modality: str, table: pa.Table, cfg: ShardConfig) -> tuple[pa.Table, pa.Table]:
-    """(rows, docs): the curated rows in token-stream order with a `doc` column, and one row per
-    token document (doc, text, source, lang).
+PLAN_KEYS = {"text": ("id", "source_file", "position"), "code": ("id", "source_file", "position"),
+             "image_text": ("id", "source_file", "position"),
+             "triples": ("subject", "lang", "source", "relation", "object", "id")}
 
-    The order depends only on the content and `cfg.seed`: rows are sorted by id first, so the
-    curated file's row order does not matter.
+
+def stream_plan(modality: str, keys: pa.Table, cfg: ShardConfig) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, doc): for each position of the modality's token stream, the row of `keys` it holds and that
+    row's document ordinal. keys: the PLAN_KEYS columns of the curated rows, in file order (a few small
+    columns: the order is planned on them alone, and the rows themselves are streamed in it afterwards).
+
+    The order depends only on the content and `cfg.seed`: rows are sorted by id first (triples: by subject,
+    lang, source, relation, object, id), so the curated file's row order does not matter.
     """
-    table = table.set_column(table.schema.get_field_index("text"), "text", pc.fill_null(table["text"], ""))
     rng = np.random.default_rng([cfg.seed, MODALITIES.index(modality)])  # one stream per modality
+    sort_keys = [(c, "ascending") for c in PLAN_KEYS[modality]]
+    order = pc.sort_indices(keys, sort_keys=sort_keys).to_numpy()  # (N,) file rows in sorted order
     if modality != "triples":
-        table = table.sort_by([("id", "ascending"), ("source_file", "ascending"), ("position", "ascending")])
-        perm = rng.permutation(table.num_rows)  # (N,) int64
-        rows = table.take(perm).append_column("doc", pa.array(np.arange(table.num_rows), pa.int64()))
-        return rows, rows.select(["doc", "text", "source", "lang"])
+        return order[rng.permutation(len(order))], np.arange(len(order), dtype=np.int64)
 
-    # Triples: a document is a paragraph of facts about one subject.
-    group = ("subject", "lang", "source")  # one subject, in one language, from one source
-    table = table.sort_by([(c, "ascending") for c in group + ("relation", "object", "id")])
-    keys = list(zip(*(table[c].to_pylist() for c in group)))
-    paragraph = np.empty(len(keys), np.int64)  # (N,) paragraph of each triple
+    # Triples: a document is a paragraph of facts about one subject, in one language, from one source.
+    group = keys.take(pa.array(order)).select(["subject", "lang", "source"])
+    keys_sorted = list(zip(*(group[c].to_pylist() for c in group.column_names)))
+    paragraph = np.empty(len(keys_sorted), np.int64)  # (N,) paragraph of each sorted triple
     n_par, run = -1, 0
-    for i, key in enumerate(keys):  # per triple, not per token
-        if i == 0 or key != keys[i - 1] or run == cfg.triples_per_document:
+    for i, key in enumerate(keys_sorted):  # per triple, not per token
+        if i == 0 or key != keys_sorted[i - 1] or run == cfg.triples_per_document:
             n_par, run = n_par + 1, 0
         paragraph[i] = n_par
         run += 1
@@ -115,19 +125,63 @@ def stream_order(modality: str, table: pa.Table, cfg: ShardConfig) -> tuple[pa.T
     doc_of_paragraph = np.empty(n_par, np.int64)
     doc_of_paragraph[rng.permutation(n_par)] = np.arange(n_par)  # paragraph -> shuffled ordinal
     doc = doc_of_paragraph[paragraph]  # (N,)
-    order = np.argsort(doc, kind="stable")  # keeps facts sorted within a paragraph
-    rows = table.take(order).append_column("doc", pa.array(doc[order], pa.int64()))
-    texts = rows["text"].to_pylist()
-    bounds = np.flatnonzero(np.diff(doc[order], prepend=-1))  # first row of each document
-    first = rows.take(pa.array(bounds, pa.int64()))
-    ends = list(bounds[1:]) + [rows.num_rows]
-    docs = pa.table({
-        "doc": pa.array(np.arange(n_par), pa.int64()),
-        "text": ["\n".join(texts[a:b]) for a, b in zip(bounds, ends)],
-        "source": first["source"],
-        "lang": first["lang"],
-    })
-    return rows, docs
+    within = np.argsort(doc, kind="stable")  # keeps facts sorted within a paragraph
+    return order[within], doc[within]
+
+
+def stream_order(modality: str, table: pa.Table, cfg: ShardConfig) -> tuple[pa.Table, pa.Table]:
+    """(rows, docs) of a whole table in memory: the rows in token-stream order with a `doc` column, and one
+    row per token document (doc, text, source, lang). The stage streams the same order (ordered_batches)."""
+    rows_at, doc = stream_plan(modality, table.select(list(PLAN_KEYS[modality])), cfg)
+    rows = _filled(table.take(pa.array(rows_at))).append_column("doc", pa.array(doc, pa.int64()))
+    builder = DocumentBuilder(modality)
+    docs = list(builder.add(rows)) + list(builder.finish())
+    return rows, pa.concat_tables(docs) if docs else pa.table({c: [] for c in DocumentBuilder.COLUMNS})
+
+
+def _filled(table: pa.Table) -> pa.Table:
+    """Null text as "" (a document of no bytes still gets its framing tokens)."""
+    return table.set_column(table.schema.get_field_index("text"), "text", pc.fill_null(table["text"], ""))
+
+
+class DocumentBuilder:
+    """Rows in stream order -> token documents (doc, text, source, lang). A text, code or image_text row is one
+    document; a triples document joins its rows' texts one per line, and may span two batches of rows."""
+
+    COLUMNS = ["doc", "text", "source", "lang"]
+
+    def __init__(self, modality: str):
+        self.joined = modality == "triples"
+        self.pending: pa.Table | None = None  # triples: the rows of the last document, which may continue
+
+    def add(self, rows: pa.Table):
+        if not self.joined:
+            yield rows.select(self.COLUMNS)
+            return
+        if self.pending is not None:
+            rows = pa.concat_tables([self.pending, rows.select(self.COLUMNS)])
+        else:
+            rows = rows.select(self.COLUMNS)
+        doc = rows["doc"].to_numpy()
+        last = int(np.searchsorted(doc, doc[-1], side="left")) if len(doc) else 0  # first row of the last document
+        self.pending = rows.slice(last)
+        if last:
+            yield self._join(rows.slice(0, last))
+
+    def finish(self):
+        if self.joined and self.pending is not None and self.pending.num_rows:
+            yield self._join(self.pending)
+        self.pending = None
+
+    @staticmethod
+    def _join(rows: pa.Table) -> pa.Table:
+        doc = rows["doc"].to_numpy()
+        bounds = np.flatnonzero(np.diff(doc, prepend=-1))  # first row of each document
+        texts = rows["text"].to_pylist()
+        ends = list(bounds[1:]) + [rows.num_rows]
+        first = rows.take(pa.array(bounds, pa.int64()))
+        return pa.table({"doc": first["doc"], "text": ["\n".join(texts[a:b]) for a, b in zip(bounds, ends)],
+                         "source": first["source"], "lang": first["lang"]})
 
 
 def read_withheld(path: Path) -> set[tuple[str, str, str]]:
@@ -143,13 +197,47 @@ def read_withheld(path: Path) -> set[tuple[str, str, str]]:
     return set(zip(*(table[c].to_pylist() for c in ("subject", "relation", "lang"))))
 
 
-def drop_withheld(table: pa.Table, withheld: set[tuple[str, str, str]]) -> pa.Table:
-    """The triples table without the rows whose (subject, relation, lang) is withheld."""
-    if not withheld or table.num_rows == 0:
-        return table
-    keys = zip(*(table[c].to_pylist() for c in ("subject", "relation", "lang")))
-    keep = pa.array([key not in withheld for key in keys], pa.bool_())
-    return table.filter(keep)
+MAX_BUCKETS = 256  # spill files open at once while ordered_batches distributes the rows
+def ordered_batches(path: Path, schema: pa.Schema, rows_at: np.ndarray, doc: np.ndarray, spill: Path,
+                    batch_rows: int | None = None):
+    """The rows of a Parquet file in the planned order (rows_at[s] is the file row at stream position s), each
+    with its `doc` column, in batches of about PARTITION_ROWS rows.
+
+    An external bucket shuffle: one pass over the file, a row group at a time, appends each row to the spill
+    file of its bucket of stream positions (Arrow IPC under `spill`); then each bucket is read, put in order
+    and yielded. Only a row group or a bucket is in memory at a time, however large the corpus."""
+    batch_rows = batch_rows or rows_per_batch(path)
+    file = pq.ParquetFile(path, pre_buffer=False, buffer_size=1 << 20)  # pre-buffering would read ahead the file
+    seq_of_row = np.full(file.metadata.num_rows, -1, np.int64)  # (rows,) stream position of each file row
+    seq_of_row[rows_at] = np.arange(len(rows_at))
+    bucket_rows = max(batch_rows, -(-len(rows_at) // MAX_BUCKETS))
+    target = schema.append(pa.field("doc", pa.int64()))
+    writers: dict[int, ipc.RecordBatchStreamWriter] = {}
+    try:
+        offset = 0
+        for batch in file.iter_batches(batch_size=batch_rows):
+            seqs = seq_of_row[offset:offset + batch.num_rows]
+            offset += batch.num_rows
+            table = pa.Table.from_batches([batch]).cast(schema).append_column("seq", pa.array(seqs))
+            buckets = seqs // bucket_rows  # -1: a row left out of the stream
+            for k in np.unique(buckets[buckets >= 0]):
+                part = table.filter(pa.array(buckets == k))
+                if k not in writers:
+                    writers[k] = ipc.new_stream(spill / f"bucket-{k:06d}.arrow", part.schema)
+                writers[k].write_table(part)
+    finally:
+        for writer in writers.values():
+            writer.close()
+    for k in sorted(writers):
+        bucket = spill / f"bucket-{k:06d}.arrow"
+        with ipc.open_stream(bucket) as reader:
+            table = reader.read_all()
+        bucket.unlink()
+        seqs = table["seq"].to_numpy()
+        table = table.take(pa.array(np.argsort(seqs))).drop_columns(["seq"])
+        table = table.append_column("doc", pa.array(doc[np.sort(seqs)], pa.int64())).cast(target)
+        for start in range(0, table.num_rows, batch_rows):
+            yield _filled(table.slice(start, batch_rows))
 
 
 # ---------------------------------------------------------------- token shards
@@ -197,52 +285,70 @@ class TokenShardWriter:
         self.fill, self.spans = 0, []
 
 
-def encode_documents(tok, docs: pa.Table, modality: str, codes: dict, writer: TokenShardWriter, progress=None, task=None) -> int:
-    """Encode one modality's documents in large batches and feed them to `writer`; returns tokens."""
+def encode_documents(tok, doc_batches, modality: str, codes: dict, writer: TokenShardWriter) -> tuple[int, int]:
+    """Encode a modality's documents (tables of doc, text, source, lang in stream order, any number of rows
+    each) in batches of about ENCODE_BATCH_BYTES of text and feed them to `writer`; returns (documents, tokens)."""
     framing = (SPECIAL_IDS[modality_token(modality)], SPECIAL_IDS["<|endoftext|>"])
     lang_ids = {lang: SPECIAL_IDS[lang_token(lang)] for lang in codes["lang"]}
-    n_bytes = pc.binary_length(pc.cast(docs["text"], pa.binary())).to_numpy(zero_copy_only=False)  # (D,) UTF-8 bytes
-    cumulative = np.cumsum(n_bytes)  # (D,)
-    cuts = np.searchsorted(cumulative, np.arange(ENCODE_BATCH_BYTES, cumulative[-1] if len(cumulative) else 0, ENCODE_BATCH_BYTES), side="right")
-    bounds = np.unique(np.concatenate([[0], cuts, [len(n_bytes)]]))  # batch k is rows bounds[k]:bounds[k+1]
-    batches = [docs.slice(a, b - a) for a, b in zip(bounds[:-1], bounds[1:])]
-    total = 0
-    # encode_batch_fast runs on all Rust threads, releases the GIL and skips the offsets we never
-    # use; a worker thread encodes batch k+1 while this thread frames and writes batch k.
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        def encode(k):
-            return pool.submit(tok.encode_batch_fast, batches[k]["text"].to_pylist(), add_special_tokens=False)
 
-        pending = encode(0) if batches else None
-        for k, batch in enumerate(batches):
-            encodings = pending.result()
-            if k + 1 < len(batches):
-                pending = encode(k + 1)
-            flat: list[int] = []
-            lengths: list[int] = []
-            for enc, lang in zip(encodings, batch["lang"].to_pylist()):  # per document; extend copies ids in C
-                ids = enc.ids
-                flat.append(framing[0])
-                flat.append(lang_ids[lang or ""])
-                flat.extend(ids)
-                flat.append(framing[1])
-                lengths.append(len(ids) + 3)
-            del encodings
-            tokens = np.array(flat, dtype=writer.buf.dtype)  # (N,) the batch's documents, framed, back to back
-            lengths = np.array(lengths, np.int64)  # (D,) tokens per document incl. the 3 framing tokens
-            index = np.empty(len(lengths), INDEX_DTYPE)
-            index["start"] = np.cumsum(lengths) - lengths
-            index["length"] = lengths
-            index["doc"] = batch["doc"].to_numpy()
-            index["modality"] = MODALITIES.index(modality)
-            index["source"] = _encode_codes(batch["source"], codes["source"])
-            index["lang"] = _encode_codes(batch["lang"], codes["lang"])
-            writer.add(tokens, index)
-            total += len(tokens)
-            if progress is not None:
-                progress.advance(task, int(n_bytes[bounds[k]:bounds[k + 1]].sum()))
+    def frame(batch: pa.Table, encodings) -> int:
+        flat: list[int] = []
+        lengths: list[int] = []
+        for enc, lang in zip(encodings, batch["lang"].to_pylist()):  # per document; extend copies ids in C
+            flat.append(framing[0])
+            flat.append(lang_ids[lang or ""])
+            flat.extend(enc.ids)
+            flat.append(framing[1])
+            lengths.append(len(enc.ids) + 3)
+        tokens = np.array(flat, dtype=writer.buf.dtype)  # (N,) the batch's documents, framed, back to back
+        sizes = np.array(lengths, np.int64)  # (D,) tokens per document incl. the 3 framing tokens
+        index = np.empty(len(sizes), INDEX_DTYPE)
+        index["start"] = np.cumsum(sizes) - sizes
+        index["length"] = sizes
+        index["doc"] = batch["doc"].to_numpy()
+        index["modality"] = MODALITIES.index(modality)
+        index["source"] = _encode_codes(batch["source"], codes["source"])
+        index["lang"] = _encode_codes(batch["lang"], codes["lang"])
+        writer.add(tokens, index)
+        return len(tokens)
+
+    documents = total = 0
+    # encode_batch_fast runs on all Rust threads, releases the GIL and skips the offsets we never use; a worker
+    # thread encodes batch k+1 while this thread frames and writes batch k.
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = None  # (batch, the future of its encodings)
+        for batch in _byte_batches(doc_batches):
+            future = pool.submit(tok.encode_batch_fast, batch["text"].to_pylist(), add_special_tokens=False)
+            if pending is not None:
+                total += frame(pending[0], pending[1].result())
+            pending = (batch, future)
+            documents += batch.num_rows
+        if pending is not None:
+            total += frame(pending[0], pending[1].result())
     writer.flush()
-    return total
+    return documents, total
+
+
+def _byte_batches(doc_batches):
+    """Tables of documents regrouped into batches of about ENCODE_BATCH_BYTES of text (enough work for every
+    Rust thread of the tokenizer, little enough memory)."""
+    parts, size = [], 0
+    for docs in doc_batches:
+        n_bytes = pc.binary_length(pc.cast(docs["text"], pa.binary())).to_numpy(zero_copy_only=False)  # (D,)
+        cumulative = np.cumsum(n_bytes)
+        start = 0
+        while start < docs.num_rows:
+            room = ENCODE_BATCH_BYTES - size  # the first document past the budget closes the batch
+            end = int(np.searchsorted(cumulative - (cumulative[start - 1] if start else 0), room, side="left")) + 1
+            end = min(max(end, start + 1), docs.num_rows)
+            parts.append(docs.slice(start, end - start))
+            size += int(n_bytes[start:end].sum())
+            start = end
+            if size >= ENCODE_BATCH_BYTES:
+                yield pa.concat_tables(parts)
+                parts, size = [], 0
+    if parts:
+        yield pa.concat_tables(parts)
 
 
 def _encode_codes(column: pa.ChunkedArray, names: list[str]) -> np.ndarray:
@@ -253,15 +359,58 @@ def _encode_codes(column: pa.ChunkedArray, names: list[str]) -> np.ndarray:
 
 # ---------------------------------------------------------------- Arrow shards and manifest
 
-def write_arrow_shards(table: pa.Table, out_dir: Path, stem: str, rows_per_shard: int) -> list[Path]:
-    """Uncompressed Arrow IPC files (memory-mappable), `rows_per_shard` rows each."""
-    out = []
-    for k, start in enumerate(range(0, table.num_rows, rows_per_shard)):
-        path = out_dir / f"{stem}-{k:05d}.arrow"
-        with ipc.new_file(path, table.schema) as w:
-            w.write_table(table.slice(start, rows_per_shard))
-        out.append(path)
-    return out
+class ArrowShardWriter:
+    """Rows in stream order -> uncompressed Arrow IPC files (memory-mappable) of `rows_per_shard` rows each,
+    written in record batches of a fixed size, so the files are the same however the rows arrive."""
+
+    def __init__(self, out_dir: Path, stem: str, kind: str, modality: str, rows_per_shard: int, schema: pa.Schema,
+                 batch_rows: int | None = None):
+        self.out_dir, self.stem, self.kind, self.modality = out_dir, stem, kind, modality
+        self.per_shard, self.schema = rows_per_shard, schema
+        self.chunk = min(rows_per_shard, batch_rows or PARTITION_ROWS)
+        self.buffer: list[pa.Table] = []
+        self.buffered = 0
+        self.file = None  # (path, ipc writer, rows written, mix counters) of the open file
+        self.entries: list[dict] = []
+
+    def write(self, rows: pa.Table) -> None:
+        self.buffer.append(rows.select(self.schema.names).cast(self.schema))
+        self.buffered += rows.num_rows
+        while self.buffered >= self.chunk:
+            self._emit(self.chunk)
+
+    def close(self) -> list[dict]:
+        while self.buffered:
+            self._emit(min(self.chunk, self.buffered))
+        self._close_file()
+        return self.entries
+
+    def _emit(self, n: int) -> None:
+        table = pa.concat_tables(self.buffer)
+        if self.file is not None:
+            n = min(n, self.per_shard - self.file[2])  # never past the open file's end
+        head, rest = table.slice(0, n), table.slice(n)
+        self.buffer, self.buffered = [rest], rest.num_rows
+        if self.file is None:
+            path = self.out_dir / f"{self.stem}-{len(self.entries):05d}.arrow"
+            self.file = [path, ipc.new_file(path, self.schema), 0, (Counter(), Counter(), Counter())]
+        self.file[1].write_table(head.combine_chunks(), max_chunksize=n)
+        self.file[2] += n
+        for counter, column in zip(self.file[3], ("modality", "source", "lang")):
+            counter.update(pc.fill_null(head[column], "").to_pylist())
+        if self.file[2] == self.per_shard:
+            self._close_file()
+
+    def _close_file(self) -> None:
+        if self.file is None:
+            return
+        path, writer, n, (modalities, sources, langs) = self.file
+        writer.close()
+        self.entries.append({"path": path.name, "kind": self.kind, "modality": self.modality,
+                             "sha256": sha256_file(path), "bytes": path.stat().st_size, "tokens": 0, "documents": n,
+                             "mix": {"modality": dict(sorted(modalities.items())), "source": dict(sorted(sources.items())),
+                                     "lang": dict(sorted(langs.items()))}})
+        self.file = None
 
 
 def _mix(modalities, sources, langs) -> dict:
@@ -284,17 +433,6 @@ def _token_entries(writer: TokenShardWriter, codes: dict, dtype: np.dtype) -> li
                         "tokens": n_tokens, "dtype": dtype.str, **common, "token_mix": token_mix})
         entries.append({"path": idx_path.name, "kind": "index", "sha256": sha256_file(idx_path),
                         "bytes": idx_path.stat().st_size, "tokens": n_tokens, "dtype": INDEX_DTYPE.descr, **common})
-    return entries
-
-
-def _arrow_entries(files: list[Path], kind: str, modality: str, rows: pa.Table, per_shard: int) -> list[dict]:
-    entries = []
-    for k, path in enumerate(files):
-        part = rows.slice(k * per_shard, per_shard)
-        entries.append({"path": path.name, "kind": kind, "modality": modality, "sha256": sha256_file(path),
-                        "bytes": path.stat().st_size, "tokens": 0, "documents": part.num_rows,
-                        "mix": _mix(part["modality"].to_pylist(), pc.fill_null(part["source"], "").to_pylist(),
-                                    pc.fill_null(part["lang"], "").to_pylist())})
     return entries
 
 
@@ -328,28 +466,45 @@ def write_shards(cfg: ShardConfig, paths: Paths) -> dict:
     out_dir = paths.tokens / "shards"
     counts, entries = {}, []
     console = Console(stderr=True)
-    with atomic_dir(out_dir) as tmp, Progress(
-        TextColumn("[bold]shard[/] {task.description}"), BarColumn(), TransferSpeedColumn(), TimeRemainingColumn(),
-        console=console,
-    ) as progress:
+    with atomic_dir(out_dir) as tmp, tempfile.TemporaryDirectory(prefix=".tmp-shard-", dir=paths.tokens) as spill, \
+            Progress(TextColumn("[bold]shard[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
+                     TextColumn("rows"), TimeRemainingColumn(), console=console) as progress:
         for modality, path in tables:
-            table = pq.read_table(path)
-            if modality == "triples":
-                kept = drop_withheld(table, withheld)
-                dropped, table = table.num_rows - kept.num_rows, kept
-            rows, docs = stream_order(modality, table, cfg)
-            task = progress.add_task(modality, total=int(pc.sum(pc.binary_length(pc.cast(docs["text"], pa.binary()))).as_py() or 0))
+            keys = pq.read_table(path, columns=list(dict.fromkeys(
+                PLAN_KEYS[modality] + (("subject", "relation", "lang") if modality == "triples" else ()))))
+            keep = np.ones(keys.num_rows, bool)
+            if modality == "triples" and withheld:
+                keep = np.array([k not in withheld for k in zip(*(keys[c].to_pylist() for c in ("subject", "relation", "lang")))])
+                dropped = int((~keep).sum())
+            kept_rows = np.flatnonzero(keep)  # (K,) file rows that go into the stream
+            plan_rows, doc = stream_plan(modality, keys.select(list(PLAN_KEYS[modality])).take(pa.array(kept_rows)), cfg)
+            del keys
+            schema = pq.read_schema(path)
+            task = progress.add_task(modality, total=len(plan_rows))
             writer = TokenShardWriter(tmp, modality, cfg.tokens_per_shard, dtype)
-            n_tokens = encode_documents(tok, docs, modality, codes, writer, progress, task)
-            counts[modality] = {"docs": docs.num_rows, "rows": rows.num_rows, "tokens": n_tokens}
-            entries += _token_entries(writer, codes, dtype)
+            doc_schema = pa.schema([f for f in schema if f.name not in IMAGE_COLUMNS]).append(pa.field("doc", pa.int64()))
+            batch_rows = rows_per_batch(path)
+            docs_out = ArrowShardWriter(tmp, f"docs-{modality}", "docs", modality, cfg.docs_per_arrow_shard, doc_schema)
+            images_out = (ArrowShardWriter(tmp, "image_text", "images", modality, cfg.docs_per_arrow_shard,
+                                           schema.append(pa.field("doc", pa.int64())), batch_rows)
+                          if modality == "image_text" else None)
+            builder = DocumentBuilder(modality)
 
-            doc_rows = rows.drop_columns([c for c in IMAGE_COLUMNS if c in rows.column_names])
-            files = write_arrow_shards(doc_rows, tmp, f"docs-{modality}", cfg.docs_per_arrow_shard)
-            entries += _arrow_entries(files, "docs", modality, rows, cfg.docs_per_arrow_shard)
-            if modality == "image_text":
-                files = write_arrow_shards(rows, tmp, "image_text", cfg.docs_per_arrow_shard)
-                entries += _arrow_entries(files, "images", modality, rows, cfg.docs_per_arrow_shard)
+            def documents(progress_task=task):
+                for rows in ordered_batches(path, schema, kept_rows[plan_rows], doc, Path(spill), batch_rows):
+                    docs_out.write(rows)
+                    if images_out is not None:
+                        images_out.write(rows)
+                    progress.advance(progress_task, rows.num_rows)
+                    yield from builder.add(rows)
+                yield from builder.finish()
+
+            n_docs, n_tokens = encode_documents(tok, documents(), modality, codes, writer)
+            counts[modality] = {"docs": n_docs, "rows": len(plan_rows), "tokens": n_tokens}
+            entries += _token_entries(writer, codes, dtype)
+            entries += docs_out.close()
+            if images_out is not None:
+                entries += images_out.close()
 
         token_entries = [e for e in entries if e["kind"] == "tokens"]
         manifest = {
