@@ -4,7 +4,7 @@
 
 For each factor, scripts/scale_corpus.py makes the corpus once (cached under --cache); then, --repeats
 times, ingest -> validate -> curate -> tokenize -> shard run into a fresh work dir, each stage in a process of
-its own so that its peak resident memory (wait4's ru_maxrss) is its own. Reported per factor and stage: the
+its own so that its peak resident memory (VmHWM) is its own. Reported per factor and stage: the
 median seconds of the stage's own work (timed inside the process, imports excluded) and the median peak RSS,
 each also as a ratio to the sample's (factor 1): the targets are seconds <= factor x the sample's and RSS
 <= 1.5 x the sample's. tokenize trains on at most tokenize.max_train_bytes whatever the corpus, so its
@@ -28,7 +28,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 STAGES = ("ingest", "validate", "curate", "tokenize", "shard")
 CHILD = """
-import json, sys, time
+import json, re, sys, time
 from fm.config import load_params
 from fm.paths import Paths
 from fm.stages import run_stage
@@ -36,22 +36,23 @@ params = load_params(sys.argv[1])
 paths = Paths(sys.argv[2], sys.argv[3])
 start = time.perf_counter()
 run_stage(sys.argv[4], params, paths)
-print(json.dumps({"seconds": time.perf_counter() - start}))
+seconds = time.perf_counter() - start
+peak_kb = int(re.search(r"VmHWM:\\s+(\\d+)", open("/proc/self/status").read()).group(1))
+print(json.dumps({"seconds": seconds, "rss_mb": peak_kb / 1024}))
 """
 
 
 def run_child(stage: str, raw: Path, workdir: Path, params: Path) -> dict:
-    """One stage in its own process: {"seconds": its own work, "rss_mb": the process's peak resident set}."""
+    """One stage in its own process: {"seconds": its own work, "rss_mb": the process's peak resident set}.
+
+    The peak is the child's VmHWM, read by itself: wait4's ru_maxrss would also hold the high-water mark of the
+    memory the child shared with this process before exec."""
     env = dict(os.environ, PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="1", DVC_NO_ANALYTICS="1")
-    proc = subprocess.Popen([sys.executable, "-c", CHILD, str(params), str(raw), str(workdir), stage],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=REPO, env=env)
-    out = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode:
-        raise RuntimeError(f"{stage} failed on {raw} (exit {proc.returncode}); run `fm {stage} --raw {raw} "
-                           f"--workdir {workdir}` to see why")
-    return {**json.loads(out.decode().strip().splitlines()[-1]), "rss_mb": usage.ru_maxrss / 1024}
+    result = subprocess.run([sys.executable, "-c", CHILD, str(params), str(raw), str(workdir), stage],
+                            capture_output=True, text=True, cwd=REPO, env=env)
+    if result.returncode:
+        raise RuntimeError(f"{stage} failed on {raw} (exit {result.returncode}): {result.stderr.strip()[-500:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def loader_ms(shard_dir: Path, params_path: Path, batches: int) -> float:

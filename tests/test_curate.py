@@ -277,3 +277,20 @@ def test_curate_is_deterministic(corpus, tmp_path):
 def test_curate_without_validated_data_says_what_to_run(tmp_path):
     with pytest.raises(FileNotFoundError, match="run `fm validate` first"):
         curate(CFG, Paths(workdir=tmp_path))
+
+
+def test_curate_streams_and_gives_the_same_outputs_in_tiny_batches(corpus, monkeypatch):
+    """curate reads its input a batch at a time (ids and quality, band keys, the candidates' texts, the output): a
+    batch of one row gives the tables, statistics and quarantine of one batch per file, and the output is written
+    a row group per batch."""
+    import fm.data.curate as curate_module
+
+    paths, _ = corpus
+    curate(CFG, paths)
+    expected = {f.name: pq.read_table(f).to_pylist() for f in sorted(paths.curated.glob("*.parquet"))}
+    quarantine = read_quarantine(paths.quarantine).to_pylist()
+    monkeypatch.setattr(curate_module, "rows_per_batch", lambda path: 1)
+    curate(CFG, paths)
+    assert {f.name: pq.read_table(f).to_pylist() for f in sorted(paths.curated.glob("*.parquet"))} == expected
+    assert read_quarantine(paths.quarantine).to_pylist() == quarantine
+    assert pq.ParquetFile(paths.curated / "text.parquet").metadata.num_row_groups == 8  # one per input row

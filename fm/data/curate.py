@@ -18,6 +18,11 @@ Per modality, in this order (a record is quarantined for the first rule it break
    +-0.035 at 128 permutations near 0.8), which leaves LSH misses as the only difference from
    `exact_near_duplicates`, the exact reference that tests and bench/curate_bench.py use.
 
+Memory does not grow with the corpus beyond the dedup index (issue 13): each table is read a batch at a time,
+several times: ids (kept as 16-byte keys) and quality reasons; the band keys of the surviving texts
+(num_bands x 8 bytes a document); the texts of the LSH candidates only; then the kept rows are written a row
+group per batch. The outputs do not depend on the batch size.
+
 Everything removed lands in the quarantine with the reason (and the kept id for a duplicate).
 Statistics per (modality, lang, source) go to 04_curated/stats.parquet, which the run registry
 (fm/registry.py) loads as the DuckDB table `corpus_stats`.
@@ -25,6 +30,7 @@ Statistics per (modality, lang, source) go to 04_curated/stats.parquet, which th
 
 from __future__ import annotations
 
+import itertools
 import math
 import multiprocessing
 import os
@@ -40,8 +46,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from fm.config import CurateConfig
 from fm.data.quarantine import check_counts, read_quarantine, write_quarantine
-from fm.data.schema import MODALITIES
-from fm.io import write_parquet
+from fm.data.schema import MODALITIES, rows_per_batch
+from fm.io import atomic_path, write_parquet
 from fm.paths import Paths
 
 FILTERED_MODALITIES = ("text", "code")  # quality filters and near-dup; captions and triples are exempt
@@ -183,6 +189,98 @@ def _band_keys(signatures: np.ndarray, num_bands: int) -> np.ndarray:
     return _mix64((bands * weights).sum(axis=2, dtype=np.uint64))  # wrapping sum, (n, B)
 
 
+def _text_chunks(texts, cfg: CurateConfig):
+    """MinHash jobs of about _CHUNK_CHARS characters each from an iterable of texts."""
+    chunk, chars = [], 0
+    for text in texts:
+        chunk.append(text)
+        chars += len(text)
+        if chars >= _CHUNK_CHARS:
+            yield (chunk, cfg.shingle_size, cfg.num_perm, cfg.seed)
+            chunk, chars = [], 0
+    if chunk:
+        yield (chunk, cfg.shingle_size, cfg.num_perm, cfg.seed)
+
+
+def lsh_keys(texts, cfg: CurateConfig, total_chars: int, processes: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(band keys (n, num_bands) uint64, has_shingles (n,) bool) of an iterable of texts, read once.
+
+    Signatures are computed over chunks of documents, in `processes` worker processes (default: all usable
+    cores when total_chars is large, else this process alone), a few chunks at a time so that only those are
+    in memory; only the band keys (num_bands x 8 bytes a document) are kept. They depend only on the texts
+    and cfg, never on the number of processes."""
+    large = total_chars >= _LARGE_INPUT_CHARS
+    processes = processes or (len(os.sched_getaffinity(0)) if large else 1)
+    keys, has_shingles = [], []
+
+    def take(chunk, signatures):
+        keys.append(_band_keys(signatures, cfg.num_bands))
+        has_shingles.append(np.array([bool(t.strip()) for t in chunk[0]], dtype=bool))
+
+    columns = (TextColumn("minhash"), BarColumn(), MofNCompleteColumn(), TextColumn("chunks"), TimeRemainingColumn())
+    with Progress(*columns, transient=True, disable=not large) as bar:
+        task = bar.add_task("minhash", total=max(1, math.ceil(total_chars / _CHUNK_CHARS)))
+        chunks = _text_chunks(texts, cfg)
+        if processes > 1:
+            # forkserver, not fork: the caller may hold threads (Prefect, DuckDB) that a fork would
+            # copy mid-lock; with this module preloaded, a pool starts in well under a second.
+            context = multiprocessing.get_context("forkserver")
+            context.set_forkserver_preload([__name__])
+            with context.Pool(processes) as pool:
+                while window := list(itertools.islice(chunks, 2 * processes)):  # imap would read every chunk ahead
+                    for chunk, signatures in zip(window, pool.map(_signatures, window)):
+                        take(chunk, signatures)
+                        bar.advance(task)
+        else:
+            for chunk in chunks:
+                take(chunk, _signatures(chunk))
+                bar.advance(task)
+    if not keys:
+        return np.zeros((0, cfg.num_bands), np.uint64), np.zeros(0, bool)
+    return np.concatenate(keys), np.concatenate(has_shingles)
+
+
+def near_duplicates_from_keys(keys: np.ndarray, has_shingles: np.ndarray, fetch, cfg: CurateConfig
+                              ) -> dict[int, tuple[int, float]]:
+    """The LSH + exact-confirmation rule of find_near_duplicates on precomputed band keys: only documents that
+    share a band with another one are candidates, and only their texts are fetched (fetch(indices) -> texts,
+    in order), for their signatures (the estimate that screens) and shingle sets (the exact Jaccard)."""
+    n = len(keys)
+    collides = np.zeros(n, dtype=bool)
+    for b in range(cfg.num_bands):
+        band = np.where(has_shingles, keys[:, b], np.arange(n, dtype=np.uint64))  # no shingles: a key of its own
+        _, inverse, counts = np.unique(band, return_inverse=True, return_counts=True)
+        collides |= (counts[inverse] > 1) & has_shingles
+    candidates = np.flatnonzero(collides)
+    if candidates.size == 0:
+        return {}
+    texts = fetch(candidates)
+    position = {i: k for k, i in enumerate(candidates.tolist())}
+    signatures = _signatures((texts, cfg.shingle_size, cfg.num_perm, cfg.seed))  # (C, num_perm)
+    shingle_set = shingle_sets(texts, cfg.shingle_size)
+
+    # In document order: compare with the kept documents that share a band; keep or remove.
+    kept_in_bucket: dict[tuple[int, int], list[int]] = {}
+    removed: dict[int, tuple[int, float]] = {}
+    for i, row in zip(candidates.tolist(), keys[candidates].tolist()):
+        buckets = list(enumerate(row))
+        earlier = [position[j] for j in dict.fromkeys(j for bucket in buckets for j in kept_in_bucket.get(bucket, ()))]
+        # Screen with the MinHash estimate first, with a margin of 0.2 (over 4 standard deviations
+        # at 128 permutations), so a large family of similar-but-kept documents stays cheap.
+        estimates = (signatures[earlier] == signatures[position[i]]).mean(axis=1) if earlier else np.zeros(0)
+        best = None
+        for k in np.asarray(earlier, np.int64)[estimates >= cfg.jaccard_threshold - 0.2].tolist():
+            similarity = _jaccard(shingle_set[position[i]], shingle_set[k])
+            if similarity >= cfg.jaccard_threshold and (best is None or similarity > best[1]):
+                best = (int(candidates[k]), similarity)
+        if best is not None:
+            removed[i] = best
+        else:
+            for bucket in buckets:
+                kept_in_bucket.setdefault(bucket, []).append(i)
+    return removed
+
+
 def find_near_duplicates(
     texts: Sequence[str], cfg: CurateConfig, processes: int | None = None
 ) -> dict[int, tuple[int, float]]:
@@ -193,70 +291,8 @@ def find_near_duplicates(
     all usable cores for a large input, else this process alone). The result depends only on
     texts and cfg, never on the number of processes.
     """
-    n = len(texts)
-    chunks, start, chars, total_chars = [], 0, 0, 0
-    for i, text in enumerate(texts):
-        chars += len(text)
-        if chars >= _CHUNK_CHARS or i == n - 1:
-            chunks.append((list(texts[start : i + 1]), cfg.shingle_size, cfg.num_perm, cfg.seed))
-            start, total_chars, chars = i + 1, total_chars + chars, 0
-    if not chunks:
-        return {}
-    large = total_chars >= _LARGE_INPUT_CHARS
-    processes = min(processes or (len(os.sched_getaffinity(0)) if large else 1), len(chunks))
-
-    parts = []
-    columns = (TextColumn("minhash"), BarColumn(), MofNCompleteColumn(), TextColumn("chunks"), TimeRemainingColumn())
-    with Progress(*columns, transient=True, disable=not large) as bar:
-        task = bar.add_task("minhash", total=len(chunks))
-        if processes > 1:
-            # forkserver, not fork: the caller may hold threads (Prefect, DuckDB) that a fork would
-            # copy mid-lock; with this module preloaded, a pool starts in well under a second.
-            context = multiprocessing.get_context("forkserver")
-            context.set_forkserver_preload([__name__])
-            with context.Pool(processes) as pool:
-                for part in pool.imap(_signatures, chunks):
-                    parts.append(part)
-                    bar.advance(task)
-        else:
-            for chunk in chunks:
-                parts.append(_signatures(chunk))
-                bar.advance(task)
-    signatures = np.concatenate(parts)  # (n, num_perm)
-
-    # Only documents that share a band with another one can be duplicates.
-    keys = _band_keys(signatures, cfg.num_bands)  # (n, B)
-    has_shingles = np.array([bool(t.strip()) for t in texts])
-    collides = np.zeros(n, dtype=bool)
-    for b in range(cfg.num_bands):
-        band = np.where(has_shingles, keys[:, b], np.arange(n, dtype=np.uint64))  # no shingles: a key of its own
-        _, inverse, counts = np.unique(band, return_inverse=True, return_counts=True)
-        collides |= (counts[inverse] > 1) & has_shingles
-    candidates = np.flatnonzero(collides)
-    if candidates.size == 0:
-        return {}
-    shingle_set = dict(zip(candidates.tolist(), shingle_sets([texts[i] for i in candidates], cfg.shingle_size)))
-
-    # In document order: compare with the kept documents that share a band; keep or remove.
-    kept_in_bucket: dict[tuple[int, int], list[int]] = {}
-    removed: dict[int, tuple[int, float]] = {}
-    for i, row in zip(candidates.tolist(), keys[candidates].tolist()):
-        buckets = list(enumerate(row))
-        earlier = np.fromiter(dict.fromkeys(j for bucket in buckets for j in kept_in_bucket.get(bucket, ())), np.int64)
-        # Screen with the MinHash estimate first, with a margin of 0.2 (over 4 standard deviations
-        # at 128 permutations), so a large family of similar-but-kept documents stays cheap.
-        estimates = (signatures[earlier] == signatures[i]).mean(axis=1)
-        best = None
-        for j in earlier[estimates >= cfg.jaccard_threshold - 0.2].tolist():
-            similarity = _jaccard(shingle_set[i], shingle_set[j])
-            if similarity >= cfg.jaccard_threshold and (best is None or similarity > best[1]):
-                best = (j, similarity)
-        if best is not None:
-            removed[i] = best
-        else:
-            for bucket in buckets:
-                kept_in_bucket.setdefault(bucket, []).append(i)
-    return removed
+    keys, has_shingles = lsh_keys(texts, cfg, sum(map(len, texts)), processes)
+    return near_duplicates_from_keys(keys, has_shingles, lambda rows: [texts[i] for i in rows.tolist()], cfg)
 
 
 def exact_near_duplicates(texts: Sequence[str], cfg: CurateConfig) -> dict[int, tuple[int, float]]:
@@ -319,28 +355,56 @@ def quality_reason(text: str, cfg: CurateConfig) -> str | None:
 # The stage
 
 
-def curate_table(table: pa.Table, modality: str, cfg: CurateConfig) -> dict[int, tuple[str, str | None]]:
-    """{row: (reason, duplicate_of id or None)} for every row of one modality's table to quarantine."""
-    ids = table["id"].to_pylist()
-    texts = table["text"].to_pylist()
-    removals: dict[int, tuple[str, str | None]] = {}
+def _batches(path, columns: list[str] | None = None):
+    """(first row, batch) of the table at path, a batch at a time (no read-ahead)."""
+    offset = 0
+    for batch in pq.ParquetFile(path, pre_buffer=False).iter_batches(batch_size=rows_per_batch(path), columns=columns):
+        yield offset, batch
+        offset += batch.num_rows
 
-    first_row_of_id: dict[str, int] = {}
-    for row, id_ in enumerate(ids):
-        if id_ in first_row_of_id:
-            removals[row] = ("exact_duplicate", id_)
-        else:
-            first_row_of_id[id_] = row
 
-    if modality in FILTERED_MODALITIES:
-        for row, text in enumerate(texts):
-            if row not in removals and (reason := quality_reason(text or "", cfg)):
-                removals[row] = (reason, None)
-        if cfg.near_dup:
-            survivors = [row for row in range(len(texts)) if row not in removals]
-            found = find_near_duplicates([texts[row] for row in survivors], cfg)
-            for index, (kept_index, similarity) in found.items():
-                removals[survivors[index]] = (f"near_duplicate jaccard {similarity:.2f}", ids[survivors[kept_index]])
+def _fetch_texts(path, rows: np.ndarray) -> list[str]:
+    """The texts of the given rows (sorted, unique) of the table at path, in that order."""
+    out: list[str] = []
+    cursor = 0
+    for offset, batch in _batches(path, ["text"]):
+        stop = int(np.searchsorted(rows, offset + batch.num_rows))
+        if stop > cursor:
+            out += [t or "" for t in batch["text"].take(pa.array(rows[cursor:stop] - offset)).to_pylist()]
+            cursor = stop
+    return out
+
+
+def curate_removals(path, modality: str, cfg: CurateConfig) -> dict[int, tuple[str, int | None]]:
+    """{row: (reason, row it duplicates or None)} for every row of one modality's table to quarantine, read a
+    batch at a time: ids (16 bytes a row) for exact duplicates and quality reasons in a first pass, then for
+    near duplicates the band keys of the surviving texts and the texts of the candidates (near_duplicates)."""
+    hi, lo, removals, total_chars = [], [], {}, 0
+    filtered = modality in FILTERED_MODALITIES
+    for offset, batch in _batches(path, ["id", "text"] if filtered else ["id"]):
+        keys = [int(h, 16) for h in batch["id"].to_pylist()]
+        hi.append(np.array([k >> 64 for k in keys], np.uint64))
+        lo.append(np.array([k & 0xFFFFFFFFFFFFFFFF for k in keys], np.uint64))
+        if filtered:
+            for row, text in enumerate(batch["text"].to_pylist(), offset):
+                total_chars += len(text or "")
+                if reason := quality_reason(text or "", cfg):
+                    removals[row] = (reason, None)
+    hi, lo = (np.concatenate(x) if x else np.zeros(0, np.uint64) for x in (hi, lo))
+    ids = np.stack([hi, lo], axis=1).view([("hi", np.uint64), ("lo", np.uint64)])[:, 0]  # (N,) sortable ids
+    _, first = np.unique(ids, return_index=True)  # the first row of each id
+    duplicate = np.ones(len(ids), bool)
+    duplicate[first] = False
+    for row in np.flatnonzero(duplicate).tolist():  # an exact duplicate is that, whatever its quality
+        removals[row] = ("exact_duplicate", int(first[np.searchsorted(ids[first], ids[row])]))
+    if filtered and cfg.near_dup:
+        survivors = np.array([row for row in range(len(ids)) if row not in removals], np.int64)
+        texts = (t or "" for offset, batch in _batches(path, ["text"])
+                 for row, t in enumerate(batch["text"].to_pylist(), offset) if row not in removals)
+        keys, has_shingles = lsh_keys(texts, cfg, total_chars)
+        found = near_duplicates_from_keys(keys, has_shingles, lambda idx: _fetch_texts(path, survivors[idx]), cfg)
+        for index, (kept_index, similarity) in found.items():
+            removals[int(survivors[index])] = (f"near_duplicate jaccard {similarity:.2f}", int(survivors[kept_index]))
     return dict(sorted(removals.items()))
 
 
@@ -364,29 +428,66 @@ STATS_SCHEMA = pa.schema(
 )
 
 
-def corpus_stats(table: pa.Table, modality: str, removals: dict[int, tuple[str, str | None]]) -> list[dict]:
-    """Statistics rows per (lang, source) of one modality's curate input."""
-    langs, sources = table["lang"].to_pylist(), table["source"].to_pylist()
-    texts, n_bytes = table["text"].to_pylist(), table["n_bytes"].to_pylist()
-    groups: dict[tuple, dict] = {}
-    for row in range(len(table)):
-        g = groups.setdefault((langs[row], sources[row]), dict.fromkeys(STATS_SCHEMA.names[3:-1], 0))
+def add_stats(groups: dict, batch: pa.RecordBatch, offset: int, removals: dict) -> None:
+    """Count one batch of a modality's curate input into groups {(lang, source): counters}."""
+    langs, sources = batch["lang"].to_pylist(), batch["source"].to_pylist()
+    texts, n_bytes = batch["text"].to_pylist(), batch["n_bytes"].to_pylist()
+    for k in range(batch.num_rows):
+        g = groups.setdefault((langs[k], sources[k]), dict.fromkeys(STATS_SCHEMA.names[3:-1], 0))
         g["docs_in"] += 1
-        if row in removals:
+        if offset + k in removals:
             g["docs_removed"] += 1
-            g["duplicates_removed"] += _reason_kind(removals[row][0]) in ("exact_duplicate", "near_duplicate")
+            g["duplicates_removed"] += _reason_kind(removals[offset + k][0]) in ("exact_duplicate", "near_duplicate")
             continue
-        text = texts[row] or ""
+        text = texts[k] or ""
         g["docs"] += 1
         # Tokens proper come after the tokenizer stage; here a word is a whitespace token, or a
         # character in text written without spaces (Chinese), which does not mark its words.
         g["words"] += len("".join(text.split())) if is_unspaced(text) else len(text.split())
-        g["bytes"] += n_bytes[row] if n_bytes[row] is not None else len(text.encode())
+        g["bytes"] += n_bytes[k] if n_bytes[k] is not None else len(text.encode())
+
+
+def stats_rows(groups: dict, modality: str) -> list[dict]:
+    """Statistics rows per (lang, source) of one modality's curate input."""
     rows = []
     for (lang, source), g in sorted(groups.items(), key=lambda kv: (kv[0][0] or "", kv[0][1] or "")):
         dedup_rate = g["duplicates_removed"] / g["docs_in"]
         rows.append({"modality": modality, "lang": lang, "source": source, **g, "dedup_rate": dedup_rate})
     return rows
+
+
+def curate_modality(path, out, modality: str, cfg: CurateConfig) -> tuple[dict, list[dict], list[dict]]:
+    """Curate one modality's table into `out` (written atomically, a row group per batch) -> (counts, statistics
+    rows, quarantine rows)."""
+    removals = curate_removals(path, modality, cfg)
+    referenced = {ref for _, ref in removals.values() if ref is not None}
+    id_of: dict[int, str] = {}  # the ids quarantine rows name as duplicate_of (always an earlier row)
+    groups: dict = {}
+    quarantine = []
+    n_in = 0
+    schema = pq.read_schema(path)
+    with atomic_path(out) as tmp, pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
+        for offset, batch in _batches(path):
+            n_in += batch.num_rows
+            ids = batch["id"].to_pylist()
+            for k, id_ in enumerate(ids):
+                if offset + k in referenced:
+                    id_of[offset + k] = id_
+            mine = [row for row in range(offset, offset + batch.num_rows) if row in removals]
+            for row in mine:
+                reason, ref = removals[row]
+                quarantine.append({"modality": modality, "source_file": batch["source_file"][row - offset].as_py(),
+                                   "position": batch["position"][row - offset].as_py(), "stage": "curate",
+                                   "reason": reason, "id": ids[row - offset],
+                                   "duplicate_of": None if ref is None else id_of[ref]})
+            keep = np.ones(batch.num_rows, bool)
+            keep[np.array(mine, np.int64) - offset] = False
+            writer.write_table(pa.Table.from_batches([batch]).filter(pa.array(keep)))
+            add_stats(groups, batch, offset, removals)
+    kinds = [_reason_kind(reason) for reason, _ in removals.values()]
+    counts = {"in": n_in, "kept": n_in - len(removals), "quarantined": len(removals),
+              **{kind: kinds.count(kind) for kind in REASONS}}  # fmt: skip
+    return counts, stats_rows(groups, modality), quarantine
 
 
 def curate(cfg: CurateConfig, paths: Paths) -> dict:
@@ -405,22 +506,12 @@ def curate(cfg: CurateConfig, paths: Paths) -> dict:
         if modality not in present:
             out.unlink(missing_ok=True)  # the curated layer mirrors the validated one
             continue
-        table = pq.read_table(present[modality])
-        removals = curate_table(table, modality, cfg)
-        kept = [row for row in range(len(table)) if row not in removals]
-        kinds = [_reason_kind(reason) for reason, _ in removals.values()]
-        counts[modality] = {"in": len(table), "kept": len(kept), "quarantined": len(removals),
-                            **{kind: kinds.count(kind) for kind in REASONS}}  # fmt: skip
+        paths.curated.mkdir(parents=True, exist_ok=True)
+        counts[modality], rows, removed = curate_modality(present[modality], out, modality, cfg)
         check_counts("curate", {modality: counts[modality]})
-        write_parquet(table.take(pa.array(kept, type=pa.int64())), out)
         outputs.append(str(out))
-        stats += corpus_stats(table, modality, removals)
-        source_files, positions, ids = (table[c].to_pylist() for c in ("source_file", "position", "id"))
-        quarantine += [
-            {"modality": modality, "source_file": source_files[row], "position": positions[row], "stage": "curate",
-             "reason": reason, "id": ids[row], "duplicate_of": duplicate_of}
-            for row, (reason, duplicate_of) in removals.items()
-        ]  # fmt: skip
+        stats += rows
+        quarantine += removed
 
     stats_table = pa.Table.from_pylist(stats, schema=STATS_SCHEMA)
     write_parquet(stats_table, paths.curated / "stats.parquet")

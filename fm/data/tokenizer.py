@@ -3,7 +3,8 @@
     fm tokenize                      # data/04_curated/*.parquet -> data/05_tokens/tokenizer.json
 
 Reads the `text` column of every curated table (documents, source files, captions,
-linearized triples), takes up to `tokenize.max_train_bytes` of it in a fixed order, and trains
+linearized triples), a batch at a time, takes up to `tokenize.max_train_bytes` of it in a fixed
+order (memory: that sample and a few numbers per document, never the corpus), and trains
 an HF `tokenizers` BPE: NFC normalizer, ByteLevel pre-tokenizer and decoder, and the 256
 byte symbols as the initial alphabet, so every byte string encodes (no unknown token) and
 `decode(encode(x)) == NFC(x)` for English, Chinese and code alike.
@@ -18,13 +19,14 @@ import time
 import unicodedata
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 from fm.config import TokenizeConfig
-from fm.data.schema import MODALITIES
+from fm.data.schema import MODALITIES, rows_per_batch
 from fm.io import atomic_path
 from fm.paths import Paths
 
@@ -77,44 +79,83 @@ def curated_tables(paths: Paths) -> list[tuple[str, Path]]:
     return found
 
 
+def _id_keys(ids: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
+    """Content ids (32 hex digits) as two uint64 keys that sort like the strings, 16 bytes a row instead of a string."""
+    digits = pc.utf8_slice_codeunits
+    return (np.array([int(h, 16) for h in digits(ids, 0, 16).to_pylist()], np.uint64),
+            np.array([int(h or "0", 16) for h in digits(ids, 16, 32).to_pylist()], np.uint64))
+
+
+def _text_batches(path: Path, columns: list[str]):
+    """The curated table at path, a batch of rows at a time (no read-ahead)."""
+    file = pq.ParquetFile(path, pre_buffer=False)
+    yield from file.iter_batches(batch_size=rows_per_batch(path), columns=columns)
+
+
 def select_training_text(paths: Paths, max_bytes: int) -> dict[str, list[str]]:
     """Up to `max_bytes` of UTF-8 text per the curated tables, keyed by modality.
 
     Documents are taken in order of their content id (a hash), across all modalities at once:
     a fixed pseudo-random sample that does not depend on file order and keeps each modality's
     share of the corpus. A document that would overflow the budget is skipped, not cut.
+
+    Two passes, so that memory holds the sample and a few numbers per document, not the corpus: the first
+    reads the ids and text lengths a batch at a time and picks the sample; the second reads the picked texts.
     """
-    parts = []
-    for modality, path in curated_tables(paths):
-        table = pq.read_table(path, columns=["id", "text", "n_bytes"])
-        table = table.filter(pc.is_valid(table["text"]))
-        n = table.num_rows
-        parts.append(pa.table({
-            "id": table["id"],
-            "text": table["text"],
+    tables = curated_tables(paths)
+    hi, lo, sizes, modality_of, row_of = [], [], [], [], []
+    for m, (modality, path) in enumerate(tables):
+        offset = 0
+        for batch in _text_batches(path, ["id", "text"]):
+            valid = pc.is_valid(batch["text"]).to_numpy(zero_copy_only=False)  # (B,) rows with text
+            keys = _id_keys(pc.filter(batch["id"], valid))
+            hi.append(keys[0])
+            lo.append(keys[1])
             # n_bytes is written by ingest; recompute rather than trust it for the budget
-            "n_bytes": pc.binary_length(pc.cast(table["text"], pa.binary())),
-            "modality": pa.array([modality] * n, pa.string()),
-        }))
-    table = pa.concat_tables(parts).sort_by([("id", "ascending"), ("modality", "ascending")])
-    n_bytes = table["n_bytes"].to_numpy()  # (N,) int64
+            sizes.append(pc.binary_length(pc.cast(pc.filter(batch["text"], valid), pa.binary())).to_numpy(zero_copy_only=False))
+            modality_of.append(np.full(int(valid.sum()), m, np.int8))
+            row_of.append(offset + np.flatnonzero(valid))
+            offset += batch.num_rows
+    empty = np.zeros(0, np.int64)
+    hi, lo = np.concatenate(hi or [empty]).astype(np.uint64), np.concatenate(lo or [empty]).astype(np.uint64)
+    n_bytes = np.concatenate(sizes or [empty]).astype(np.int64)  # (N,)
+    modality_of, row_of = np.concatenate(modality_of or [empty]), np.concatenate(row_of or [empty])
     if n_bytes.sum() == 0:  # a BPE trained on nothing is 270 byte tokens that fail only at pretrain
-        rows = ", ".join(f"{m}: {pq.read_metadata(p).num_rows}" for m, p in curated_tables(paths))
+        rows = ", ".join(f"{m}: {pq.read_metadata(p).num_rows}" for m, p in tables)
         raise ValueError(f"tokenize: no text to train on: the curated tables in {paths.curated} hold no text "
                          f"(rows per modality: {rows}); see {paths.quarantine} for why records were removed")
+    names = np.array([modality for modality, _ in tables])
+    order = np.lexsort((names[modality_of], lo, hi))  # by id, then modality: the sample's order
+    keep = order
     if n_bytes.sum() > max_bytes:
-        keep, total = [], 0
-        for i, n in enumerate(n_bytes.tolist()):  # per document, not per token
+        picked, total = [], 0
+        for i in order.tolist():  # per document, not per token
+            n = int(n_bytes[i])
             if total + n <= max_bytes:
-                keep.append(i)
+                picked.append(i)
                 total += n
-        if not any(n_bytes[keep]):
+        if not any(n_bytes[picked]):
             raise ValueError(f"tokenize: no curated document with text fits tokenize.max_train_bytes={max_bytes} "
                              f"(the smallest has {int(n_bytes[n_bytes > 0].min())} bytes)")
-        table = table.take(pa.array(keep, pa.int64()))
+        keep = np.array(picked, np.int64)
     out: dict[str, list[str]] = {}
-    for text, modality in zip(table["text"].to_pylist(), table["modality"].to_pylist()):
-        out.setdefault(modality, []).append(text)
+    for m in sorted(set(modality_of[keep].tolist()), key=lambda m: int(np.argmax(modality_of[keep] == m))):
+        modality, path = tables[m]
+        mine = keep[modality_of[keep] == m]  # this modality's sample, in sample order
+        wanted = row_of[mine]  # (K,) their file rows
+        rank = np.argsort(wanted)
+        texts: list[str | None] = [None] * len(wanted)
+        sorted_rows, cursor, offset = wanted[rank], 0, 0
+        for batch in _text_batches(path, ["text"]):
+            end = offset + batch.num_rows
+            stop = int(np.searchsorted(sorted_rows, end))
+            if stop > cursor:
+                picked_texts = batch["text"].take(pa.array(sorted_rows[cursor:stop] - offset)).to_pylist()
+                for k, text in zip(rank[cursor:stop].tolist(), picked_texts):
+                    texts[k] = text
+                cursor = stop
+            offset = end
+        out[modality] = texts
     return out
 
 
