@@ -7,8 +7,8 @@ times, ingest -> validate -> curate -> tokenize -> shard run into a fresh work d
 its own so that its peak resident memory (VmHWM) is its own. Reported per factor and stage: the
 median seconds of the stage's own work (timed inside the process, imports excluded) and the median peak RSS,
 each also as a ratio to the sample's (factor 1): the targets are seconds <= factor x the sample's and RSS
-<= 1.5 x the sample's. tokenize trains on at most tokenize.max_train_bytes whatever the corpus, so its
-training sample is the same at every factor. The loader: milliseconds per next_batch() of the pretraining
+<= 1.5 x the sample's. tokenize trains on --max-train-bytes (tokenize.max_train_bytes, 8 MB by default) at
+every factor, so its training sample is the same size whatever the corpus. The loader: milliseconds per next_batch() of the pretraining
 TokenLoader on each factor's shards (pretrain's seq_len, batch size and mix), median over --batches calls.
 Writes bench/results/scale_bench.json.
 """
@@ -24,6 +24,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 STAGES = ("ingest", "validate", "curate", "tokenize", "shard")
@@ -79,10 +81,18 @@ def main() -> None:
     ap.add_argument("--batches", type=int, default=200, help="loader batches timed per factor")
     ap.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "fm-scale",
                     help="where the scaled corpora are kept between runs")
+    ap.add_argument("--max-train-bytes", type=int, default=8_000_000,
+                    help="tokenize.max_train_bytes for every factor: the same tokenizer training sample (below the "
+                         "sample corpus's text, so the cap is what decides it)")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "scale_bench.json")
     args = ap.parse_args()
+    params = yaml.safe_load(args.params.read_text())
+    params["tokenize"]["max_train_bytes"] = args.max_train_bytes
+    args.cache.mkdir(parents=True, exist_ok=True)
+    args.params = args.cache / "params.yaml"
+    args.params.write_text(yaml.safe_dump(params, sort_keys=False, allow_unicode=True))
 
-    results: dict = {"factors": {}, "load_start": os.getloadavg()}
+    results: dict = {"factors": {}, "max_train_bytes": args.max_train_bytes, "load_start": os.getloadavg()}
     for factor in args.factors:
         raw = args.raw if factor == 1 else args.cache / f"raw{factor}"
         if not raw.is_dir():
