@@ -26,6 +26,7 @@ def _positive(cfg, *names: str) -> None:
 @dataclass(frozen=True)
 class IngestConfig:
     max_text_bytes: int = 2_000_000  # a longer document is quarantined, not truncated
+    max_line_bytes: int = 0  # a longer jsonl/tsv line is quarantined unread; 0: 3 * max_text_bytes + 1 MiB
     image_size: int = 64  # images are fit into image_size x image_size and padded to square
     max_image_file_bytes: int = 10_000_000
     max_image_pixels: int = 50_000_000  # decompression-bomb guard, checked before decoding
@@ -41,7 +42,10 @@ class IngestConfig:
     )
 
     def __post_init__(self):
-        _positive(self, "max_text_bytes", "image_size", "max_image_file_bytes", "max_image_pixels", "min_image_side")
+        if self.max_line_bytes == 0:  # room for any record that could pass (\u escapes can triple non-ASCII text)
+            object.__setattr__(self, "max_line_bytes", 3 * self.max_text_bytes + (1 << 20))  # and its other fields
+        _positive(self, "max_text_bytes", "image_size", "max_image_file_bytes", "max_image_pixels", "min_image_side",
+                  "max_line_bytes")
 
 
 @dataclass(frozen=True)
@@ -473,6 +477,20 @@ class EvaluateConfig:
 
 
 @dataclass(frozen=True)
+class PartitionsConfig:
+    """Where the data stages run their per-partition work (fm.data.partitions); the outputs are the same either way."""
+
+    runner: str = "local"  # local: in the stage's process; dask: Prefect tasks on a Dask cluster (prefect-dask)
+    dask_address: str = ""  # a running scheduler (tcp://host:8786); empty: a local cluster for the stage's run
+    dask_workers: int = 2  # worker processes of that local cluster
+
+    def __post_init__(self):
+        if self.runner not in ("local", "dask"):
+            raise ValueError(f"partitions.runner must be local or dask, got {self.runner!r}")
+        _positive(self, "dask_workers")
+
+
+@dataclass(frozen=True)
 class ScheduleConfig:
     """When `fm serve` runs the whole pipeline by itself (read by fm serve, not by a stage)."""
 
@@ -500,6 +518,7 @@ class Params:
     distill: DistillConfig = field(default_factory=DistillConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    partitions: PartitionsConfig = field(default_factory=PartitionsConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
 
 

@@ -285,7 +285,7 @@ def test_curate_fails_loudly_when_counts_do_not_add_up(tmp_path, monkeypatch):
     rows = [{"id": content_id("text", t), "modality": "text", "source": "s", "source_file": "text/a.jsonl", "position": i,
              "lang": "en", "text": t, "n_bytes": len(t), "meta": None} for i, t in enumerate([GOOD, GOOD + "!"], start=1)]
     pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMAS["text"]), paths.validated / "text.parquet")
-    monkeypatch.setattr(curate_module, "curate_table", lambda table, modality, cfg: {5: ("too_short", None)})
+    monkeypatch.setattr(curate_module, "curate_removals", lambda path, modality, cfg: {5: ("too_short", None)})
     with pytest.raises(RecordCountError, match=r"curate: text: records in \(2\) != kept \(2\) \+ quarantined \(1\); 1 record\(s\) too many"):
         curate(CurateConfig(), paths)
     assert not (paths.curated / "text.parquet").exists()

@@ -464,30 +464,38 @@ def curate_modality(path, out, modality: str, cfg: CurateConfig) -> tuple[dict, 
     id_of: dict[int, str] = {}  # the ids quarantine rows name as duplicate_of (always an earlier row)
     groups: dict = {}
     quarantine = []
-    n_in = 0
+    n_in = n_kept = 0
     schema = pq.read_schema(path)
-    with atomic_path(out) as tmp, pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
-        for offset, batch in _batches(path):
-            n_in += batch.num_rows
-            ids = batch["id"].to_pylist()
-            for k, id_ in enumerate(ids):
-                if offset + k in referenced:
-                    id_of[offset + k] = id_
-            mine = [row for row in range(offset, offset + batch.num_rows) if row in removals]
-            for row in mine:
-                reason, ref = removals[row]
-                quarantine.append({"modality": modality, "source_file": batch["source_file"][row - offset].as_py(),
-                                   "position": batch["position"][row - offset].as_py(), "stage": "curate",
-                                   "reason": reason, "id": ids[row - offset],
-                                   "duplicate_of": None if ref is None else id_of[ref]})
-            keep = np.ones(batch.num_rows, bool)
-            keep[np.array(mine, np.int64) - offset] = False
-            writer.write_table(pa.Table.from_batches([batch]).filter(pa.array(keep)))
-            add_stats(groups, batch, offset, removals)
     kinds = [_reason_kind(reason) for reason, _ in removals.values()]
-    counts = {"in": n_in, "kept": n_in - len(removals), "quarantined": len(removals),
-              **{kind: kinds.count(kind) for kind in REASONS}}  # fmt: skip
+    with atomic_path(out) as tmp:
+        with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
+            for offset, batch in _batches(path):
+                n_in, n_kept = n_in + batch.num_rows, n_kept + _curate_batch(
+                    batch, offset, modality, removals, referenced, id_of, quarantine, writer)
+                add_stats(groups, batch, offset, removals)
+        counts = {"in": n_in, "kept": n_kept, "quarantined": len(removals),
+                  **{kind: kinds.count(kind) for kind in REASONS}}  # fmt: skip
+        check_counts("curate", {modality: counts})  # before the output is published
     return counts, stats_rows(groups, modality), quarantine
+
+
+def _curate_batch(batch, offset: int, modality: str, removals: dict, referenced: set, id_of: dict, quarantine: list,
+                  writer) -> int:
+    """Write one batch's kept rows, add its quarantine rows; returns how many rows were kept."""
+    ids = batch["id"].to_pylist()
+    for k, id_ in enumerate(ids):
+        if offset + k in referenced:
+            id_of[offset + k] = id_
+    mine = [row for row in range(offset, offset + batch.num_rows) if row in removals]
+    for row in mine:
+        reason, ref = removals[row]
+        quarantine.append({"modality": modality, "source_file": batch["source_file"][row - offset].as_py(),
+                           "position": batch["position"][row - offset].as_py(), "stage": "curate",
+                           "reason": reason, "id": ids[row - offset], "duplicate_of": None if ref is None else id_of[ref]})
+    keep = np.ones(batch.num_rows, bool)
+    keep[np.array(mine, np.int64) - offset] = False
+    writer.write_table(pa.Table.from_batches([batch]).filter(pa.array(keep)))
+    return int(keep.sum())
 
 
 def curate(cfg: CurateConfig, paths: Paths) -> dict:
@@ -508,7 +516,6 @@ def curate(cfg: CurateConfig, paths: Paths) -> dict:
             continue
         paths.curated.mkdir(parents=True, exist_ok=True)
         counts[modality], rows, removed = curate_modality(present[modality], out, modality, cfg)
-        check_counts("curate", {modality: counts[modality]})
         outputs.append(str(out))
         stats += rows
         quarantine += removed

@@ -8,13 +8,21 @@ the record does not name it, decodes, checks and resizes images, and writes
 `02_ingested/{modality}.parquet` plus `02_ingested/quarantine.parquet` for every record it
 could not take, with the file, line and reason.
 
+It streams, so its memory does not grow with the corpus: a jsonl or tsv file is read a line at a
+time, and a line longer than ingest.max_line_bytes is quarantined without ever being held whole;
+a file that is one record (a .txt document, a source file) or an image is quarantined from its
+size alone when it is larger than a record may be; kept rows go to their Parquet file a row group
+at a time (schema.PARTITION_ROWS rows, fewer when they hold ROW_GROUP_BYTES of text and images).
+Only counts and the quarantined records (small rows) are kept to the end.
+
 Nothing is trusted: a record is kept only when every field has the type the contract names and
 its text is clean (`unclean_reason`: no NUL, no other control character but tab, newline and
 carriage return, no U+FFFD, no lone surrogate). Whatever goes wrong with one record (bad UTF-8,
 JSON that is malformed or nested too deeply, an image path the file system refuses, an image
 that crashes the decoder) costs that record only. `in` counts the records of the source files
-(non-blank lines of a jsonl or tsv file, one per other file), not what the readers returned, and
-the stage fails unless in = kept + quarantined for every modality, or when no record is kept at all.
+(non-blank lines of a jsonl or tsv file, one per other file, counted in a pass of their own), not
+what the readers returned, and the stage fails unless in = kept + quarantined for every file and
+modality, or when no record is kept at all; a failed run leaves no 02_ingested behind.
 """
 
 from __future__ import annotations
@@ -27,15 +35,18 @@ import re
 import time
 import warnings
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageOps
 
 from fm.config import IngestConfig
-from fm.data.schema import MODALITIES, QUARANTINE_SCHEMA, SCHEMAS, content_id
+from fm.data.schema import MODALITIES, PARTITION_ROWS, QUARANTINE_SCHEMA, SCHEMAS, content_id
 from fm.data.quarantine import check_counts, write_quarantine
 from fm.io import atomic_dir
 from fm.paths import Paths
@@ -43,6 +54,10 @@ from fm.paths import Paths
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 RECORD_PER_LINE_SUFFIXES = {".jsonl", ".tsv"}  # every other file is one record
 MAX_REASON_CHARS = 500
+_SKIP_CHUNK = 1 << 16  # bytes read at a time past a line longer than ingest.max_line_bytes
+# A row group is written before it has PARTITION_ROWS rows when its rows hold this much text and
+# image data: 4096 rows of whole source files or long documents would otherwise be held at once.
+ROW_GROUP_BYTES = 32 << 20
 # fastText's lid.176 names several Chinese varieties; fm groups them under one "zh".
 _ZH_VARIANTS = {"zh", "yue", "wuu", "gan", "hak", "lzh", "cdo", "nan"}
 
@@ -64,10 +79,19 @@ class Rejected(Exception):
 
 @dataclass
 class FileResult:
-    """What one raw file gave: kept rows and quarantined rows."""
+    """What one raw file gave: kept rows and quarantined rows. With `out` (the stage's tables), kept
+    rows are handed on whenever they complete a row group, so that a big file is never held whole;
+    `rows` then holds the last ones only, and `kept` counts them all."""
 
     rows: list[dict] = field(default_factory=list)
     quarantined: list[dict] = field(default_factory=list)
+    out: IngestedTables | None = None
+    handed_on: int = 0
+    n_bytes: int = 0  # the text and image bytes of `rows`
+
+    @property
+    def kept(self) -> int:
+        return self.handed_on + len(self.rows)
 
     def reject(self, modality: str, source_file: str, position: int, reason: str) -> None:
         reason = printable(reason)
@@ -79,6 +103,11 @@ class FileResult:
 
     def keep(self, row: dict) -> None:
         self.rows.append(row)
+        self.n_bytes += row["n_bytes"] + len(row.get("image") or b"")
+        if self.out is not None and self.out.group_full(row["modality"], len(self.rows), self.n_bytes):
+            self.out.write(row["modality"], self.rows, self.n_bytes)
+            self.handed_on += len(self.rows)
+            self.rows, self.n_bytes = [], 0
 
 
 # ---------------------------------------------------------------------------- language
@@ -163,7 +192,19 @@ def _check_text(text: str, cfg: IngestConfig, what: str = "text") -> None:
         raise Rejected(f"empty {what}")
     n = len(text.encode("utf-8"))
     if n > cfg.max_text_bytes:
-        raise Rejected(f"{what} too long: {n} bytes > ingest.max_text_bytes={cfg.max_text_bytes}")
+        raise Rejected(_too_long(what, n, cfg))
+
+
+def _too_long(what: str, n_bytes: int, cfg: IngestConfig) -> str:
+    return f"{what} too long: {n_bytes} bytes > ingest.max_text_bytes={cfg.max_text_bytes}"
+
+
+def _whole_text(data: bytes | BinaryIO, cfg: IngestConfig, what: str) -> str:
+    """The text of a file that is one record (Rejected unless clean): the stage has checked its size
+    before opening it, and reads no more than one byte past what a record may hold."""
+    text = _decode(data if isinstance(data, bytes) else data.read(cfg.max_text_bytes + 1))
+    _check_text(text, cfg, what)
+    return text
 
 
 def _required_text(rec: dict, key: str, cfg: IngestConfig, what: str) -> str:
@@ -207,18 +248,41 @@ def _text_row(modality: str, text: str, source: str, source_file: str, position:
     }
 
 
-def source_lines(data: bytes):
-    """(1-based line number, bytes) of each non-blank line: the records of a jsonl or tsv file."""
-    for lineno, raw_line in enumerate(data.split(b"\n"), start=1):
-        if raw_line.strip():  # blank lines are layout, not records
-            yield lineno, raw_line
+@dataclass(frozen=True)
+class LongLine:
+    """A line longer than ingest.max_line_bytes, read past unkept: only its length is known."""
+
+    n_bytes: int  # without the newline
 
 
-def count_records(path: Path, data: bytes) -> int:
-    """How many records a raw file holds, counted apart from the readers: what `in` reports."""
-    if path.suffix.lower() in RECORD_PER_LINE_SUFFIXES:
-        return sum(1 for _ in source_lines(data))
-    return 1
+def source_lines(data: bytes | BinaryIO, max_line_bytes: int) -> Iterator[tuple[int, bytes | LongLine]]:
+    """(1-based line number, bytes without the newline) of each non-blank line: the records of a jsonl
+    or tsv file (its bytes, or the file open in binary mode), read a line at a time. A line longer
+    than `max_line_bytes` comes as a LongLine: the rest of it is read in chunks and dropped."""
+    f = io.BytesIO(data) if isinstance(data, bytes) else data
+    lineno = 0
+    while chunk := f.readline(max_line_bytes + 1):
+        lineno += 1
+        if chunk.endswith(b"\n") or len(chunk) <= max_line_bytes:  # the whole line, or the last one
+            if chunk.strip():  # blank lines are layout, not records
+                yield lineno, chunk.removesuffix(b"\n")
+            continue
+        n_bytes, blank = len(chunk), not chunk.strip()
+        while not chunk.endswith(b"\n") and (chunk := f.readline(_SKIP_CHUNK)):
+            n_bytes += len(chunk)
+            blank = blank and not chunk.strip()
+        if not blank:
+            yield lineno, LongLine(n_bytes - chunk.endswith(b"\n"))
+
+
+def count_records(path: Path, data: bytes | BinaryIO, max_line_bytes: int) -> int:
+    """How many records a raw file holds, counted apart from the readers (in a pass of its own over
+    a jsonl or tsv file): what `in` reports."""
+    if path.suffix.lower() not in RECORD_PER_LINE_SUFFIXES:
+        return 1
+    if not isinstance(data, bytes):
+        data.seek(0)
+    return sum(1 for _ in source_lines(data, max_line_bytes))
 
 
 def _jsonl_record(raw_line: bytes, rel: str, lineno: int) -> dict:
@@ -256,6 +320,18 @@ def _guarded(res: FileResult, modality: str, rel: str, position: int, build, *ar
         res.keep(row)
 
 
+def _each_line(res: FileResult, modality: str, rel: str, data: bytes | BinaryIO, cfg: IngestConfig, build) -> FileResult:
+    """Keep or quarantine each record line of a jsonl or tsv file through `build(lineno, raw_line)`;
+    a line longer than ingest.max_line_bytes is quarantined without being read whole."""
+    for lineno, raw_line in source_lines(data, cfg.max_line_bytes):
+        if isinstance(raw_line, LongLine):
+            res.reject(modality, rel, lineno, f"line longer than ingest.max_line_bytes "
+                                              f"({raw_line.n_bytes} bytes > {cfg.max_line_bytes})")
+        else:
+            _guarded(res, modality, rel, lineno, build, lineno, raw_line)
+    return res
+
+
 def _source_name(rel_parts: tuple[str, ...], stem: str) -> str:
     """The corpus a file belongs to: its first folder under the modality folder, else its stem."""
     return rel_parts[1] if len(rel_parts) > 2 else stem
@@ -267,15 +343,16 @@ def _code_language(suffix: str, cfg: IngestConfig) -> str | None:
 
 
 # ---------------------------------------------------------------------------- per modality
+# Each reader takes a raw file as bytes or, as the stage passes it, open in binary mode (a jsonl or
+# tsv file is then read a line at a time), and fills `res` (a new FileResult by default).
 
 
-def ingest_text_file(path: Path, data: bytes, rel: str, source: str, cfg: IngestConfig) -> FileResult:
-    res = FileResult()
+def ingest_text_file(path: Path, data: bytes | BinaryIO, rel: str, source: str, cfg: IngestConfig,
+                     res: FileResult | None = None) -> FileResult:
+    res = FileResult() if res is None else res
     if path.suffix.lower() == ".txt":
         def whole_file():
-            text = _decode(data)
-            _check_text(text, cfg)
-            return _text_row("text", text, source, rel, 0, None, {}, cfg)
+            return _text_row("text", _whole_text(data, cfg, "text"), source, rel, 0, None, {}, cfg)
 
         _guarded(res, "text", rel, 0, whole_file)
         return res
@@ -287,17 +364,15 @@ def ingest_text_file(path: Path, data: bytes, rel: str, source: str, cfg: Ingest
         extra = {k: v for k, v in rec.items() if k not in ("text", "lang", "source")}
         return _text_row("text", text, rec_source or source, rel, lineno, lang, extra, cfg)
 
-    for lineno, raw_line in source_lines(data):
-        _guarded(res, "text", rel, lineno, line, lineno, raw_line)
-    return res
+    return _each_line(res, "text", rel, data, cfg, line)
 
 
-def ingest_code_file(path: Path, data: bytes, rel: str, source: str, cfg: IngestConfig) -> FileResult:
-    res = FileResult()
+def ingest_code_file(path: Path, data: bytes | BinaryIO, rel: str, source: str, cfg: IngestConfig,
+                     res: FileResult | None = None) -> FileResult:
+    res = FileResult() if res is None else res
     if path.suffix.lower() != ".jsonl":
         def whole_file():
-            text = _decode(data)
-            _check_text(text, cfg, "code")
+            text = _whole_text(data, cfg, "code")
             return _text_row("code", text, source, rel, 0, _code_language(path.suffix, cfg), {"path": rel}, cfg)
 
         _guarded(res, "code", rel, 0, whole_file)
@@ -311,9 +386,7 @@ def ingest_code_file(path: Path, data: bytes, rel: str, source: str, cfg: Ingest
         lang = language or _code_language(Path(rec_path).suffix, cfg) or "unknown"
         return _text_row("code", text, rec_source or source, rel, lineno, lang, {"path": rec_path} if rec_path else {}, cfg)
 
-    for lineno, raw_line in source_lines(data):
-        _guarded(res, "code", rel, lineno, line, lineno, raw_line)
-    return res
+    return _each_line(res, "code", rel, data, cfg, line)
 
 
 def load_image(path: Path, cfg: IngestConfig) -> tuple[bytes, bytes, tuple[int, int]]:
@@ -340,6 +413,8 @@ def load_image(path: Path, cfg: IngestConfig) -> tuple[bytes, bytes, tuple[int, 
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise Rejected(f"decompression bomb: {e}") from None
+    except Image.UnidentifiedImageError:  # its message names the buffer's address: not the same twice
+        raise Rejected("unreadable image: cannot identify image file") from None
     except Exception as e:  # noqa: BLE001: hostile bytes can make a decoder raise anything
         raise Rejected(f"unreadable image: {e}") from None
     # Transparent pixels become white, then the image is fit into a white square.
@@ -352,8 +427,9 @@ def load_image(path: Path, cfg: IngestConfig) -> tuple[bytes, bytes, tuple[int, 
     return data, buf.getvalue(), (w, h)
 
 
-def ingest_image_manifest(path: Path, data: bytes, rel: str, source: str, cfg: IngestConfig, root: Path) -> FileResult:
-    res = FileResult()
+def ingest_image_manifest(path: Path, data: bytes | BinaryIO, rel: str, source: str, cfg: IngestConfig, root: Path,
+                          res: FileResult | None = None) -> FileResult:
+    res = FileResult() if res is None else res
 
     def line(lineno: int, raw_line: bytes) -> dict:
         rec = _jsonl_record(raw_line, rel, lineno)
@@ -379,9 +455,7 @@ def ingest_image_manifest(path: Path, data: bytes, rel: str, source: str, cfg: I
         row.update(image=png, image_width=cfg.image_size, image_height=cfg.image_size)
         return row
 
-    for lineno, raw_line in source_lines(data):
-        _guarded(res, "image_text", rel, lineno, line, lineno, raw_line)
-    return res
+    return _each_line(res, "image_text", rel, data, cfg, line)
 
 
 def linearize_triple(subject: str, relation: str, obj: str) -> str:
@@ -389,8 +463,9 @@ def linearize_triple(subject: str, relation: str, obj: str) -> str:
     return f"{subject} | {relation.replace('_', ' ')} | {obj}"
 
 
-def ingest_triples_file(path: Path, data: bytes, rel: str, source: str, cfg: IngestConfig) -> FileResult:
-    res = FileResult()
+def ingest_triples_file(path: Path, data: bytes | BinaryIO, rel: str, source: str, cfg: IngestConfig,
+                        res: FileResult | None = None) -> FileResult:
+    res = FileResult() if res is None else res
     tsv = path.suffix.lower() == ".tsv"
 
     def line(lineno: int, raw_line: bytes) -> dict:
@@ -417,9 +492,7 @@ def ingest_triples_file(path: Path, data: bytes, rel: str, source: str, cfg: Ing
         row.update(subject=subject, relation=relation, object=obj)
         return row
 
-    for lineno, raw_line in source_lines(data):
-        _guarded(res, "triples", rel, lineno, line, lineno, raw_line)
-    return res
+    return _each_line(res, "triples", rel, data, cfg, line)
 
 
 # ---------------------------------------------------------------------------- the stage
@@ -439,9 +512,11 @@ def _reader_for(modality: str, path: Path, cfg: IngestConfig):
     return None
 
 
-def ingest_file(modality: str, path: Path, rel: str, source: str, root: Path, cfg: IngestConfig) -> tuple[FileResult, int]:
-    """Read one raw file -> (what it gave, how many records it holds)."""
-    res = FileResult()
+def ingest_file(modality: str, path: Path, rel: str, source: str, root: Path, cfg: IngestConfig,
+                out: IngestedTables | None = None) -> tuple[FileResult, int]:
+    """Read one raw file -> (what it gave, how many records it holds); with `out`, kept rows are
+    handed on to it as they come."""
+    res = FileResult(out=out)
     reader = _reader_for(modality, path, cfg)
     try:
         if not _inside(path, root):
@@ -453,18 +528,21 @@ def ingest_file(modality: str, path: Path, rel: str, source: str, root: Path, cf
         if not path.is_file():  # reading a FIFO would block, a device might never end
             res.reject(modality, rel, 0, "not a regular file" if path.exists() else "unreadable file: dangling symlink")
             return res, 1
-        data = path.read_bytes()
+        size = path.stat().st_size
+        if path.suffix.lower() not in RECORD_PER_LINE_SUFFIXES and size > cfg.max_text_bytes:
+            res.reject(modality, rel, 0, _too_long(modality, size, cfg))  # one record that cannot fit: not read
+            return res, 1
+        f = path.open("rb")
     except OSError as e:
         res.reject(modality, rel, 0, f"unreadable file: {e.strerror or e}")
         return res, 1
-    try:
-        if reader is ingest_image_manifest:
-            res = reader(path, data, rel, source, cfg, root)
-        else:
-            res = reader(path, data, rel, source, cfg)
-    except Exception as e:  # the readers quarantine per record, so this is a bug in fm: say where
-        raise RuntimeError(f"ingest failed on {modality} file {rel}: {type(e).__name__}: {e}") from e
-    return res, count_records(path, data)
+    with f:
+        try:
+            root_arg = (root,) if reader is ingest_image_manifest else ()
+            res = reader(path, f, rel, source, cfg, *root_arg, res=res)
+            return res, count_records(path, f, cfg.max_line_bytes)
+        except Exception as e:  # the readers quarantine per record: a bug in fm or a failing disk, say where
+            raise RuntimeError(f"ingest failed on {modality} file {rel}: {type(e).__name__}: {e}") from e
 
 
 def corpus_files(raw: Path) -> dict[str, list[Path]]:
@@ -483,31 +561,84 @@ def reason_kind(reason: str) -> str:
     return re.split(r":| at | in | \(", reason, maxsplit=1)[0].strip()
 
 
-def _no_usable_record(raw: Path, files: dict, counts: dict, quarantined: list[dict]) -> CorpusError:
+class IngestedTables:
+    """The stage's output in the making, in `folder`: one Parquet file per modality that kept rows go
+    to as they come, a row group per PARTITION_ROWS rows (or ROW_GROUP_BYTES), plus what the final
+    checks need (counts, quarantined records, reason kinds). The files are complete once the `with`
+    block ends cleanly."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.counts = {m: {"in": 0, "kept": 0, "quarantined": 0} for m in MODALITIES}
+        self.quarantined: list[dict] = []
+        self.reason_kinds = {m: Counter() for m in MODALITIES}
+        self._pending: dict[str, list[dict]] = {m: [] for m in MODALITIES}
+        self._pending_bytes = dict.fromkeys(MODALITIES, 0)
+
+    def __enter__(self) -> IngestedTables:
+        with ExitStack() as stack:  # if one writer fails to open, the others are closed
+            self._writers = {m: stack.enter_context(pq.ParquetWriter(self.folder / f"{m}.parquet", SCHEMAS[m],
+                                                                     compression="zstd")) for m in MODALITIES}
+            self._close = stack.pop_all()
+        return self
+
+    def __exit__(self, exc_type, *_) -> None:
+        with self._close:  # the writers are closed whatever happens; atomic_dir drops the folder on failure
+            if exc_type is None:
+                for modality in MODALITIES:
+                    self.flush(modality)
+
+    def group_full(self, modality: str, n_rows: int = 0, n_bytes: int = 0) -> bool:
+        """Whether the rows waiting, with `n_rows` more of `n_bytes`, make a row group."""
+        return (len(self._pending[modality]) + n_rows >= PARTITION_ROWS
+                or self._pending_bytes[modality] + n_bytes >= ROW_GROUP_BYTES)
+
+    def write(self, modality: str, rows: list[dict], n_bytes: int) -> None:
+        """Take kept rows (of `n_bytes` text and image bytes); they go to disk once they make a row group."""
+        self._pending[modality].extend(rows)
+        self._pending_bytes[modality] += n_bytes
+        if self.group_full(modality):
+            self.flush(modality)
+
+    def flush(self, modality: str) -> None:
+        """Write the rows waiting as a row group (of PARTITION_ROWS rows at most)."""
+        if pending := self._pending[modality]:
+            table = pa.Table.from_pylist(pending, schema=SCHEMAS[modality])
+            self._writers[modality].write_table(table, row_group_size=PARTITION_ROWS)
+        self._pending[modality], self._pending_bytes[modality] = [], 0
+
+    def add_file(self, modality: str, rel: str, res: FileResult, n_records: int) -> None:
+        """Account for one raw file its reader is done with: check in = kept + quarantined, then
+        take its last rows and its quarantined records."""
+        check_counts("ingest", {f"{modality} ({rel})": {"in": n_records, "kept": res.kept,
+                                                        "quarantined": len(res.quarantined)}})
+        self.write(modality, res.rows, res.n_bytes)
+        self.counts[modality]["in"] += n_records
+        self.counts[modality]["kept"] += res.kept
+        for q in res.quarantined:
+            self.counts[q["modality"]]["quarantined"] += 1
+            self.reason_kinds[q["modality"]][reason_kind(q["reason"])] += 1
+        self.quarantined.extend(res.quarantined)
+
+
+def _no_usable_record(raw: Path, files: dict, counts: dict, reason_kinds: dict[str, Counter]) -> CorpusError:
     """The error for a corpus of which every record was quarantined: per modality, how many and why."""
     parts = []
     for modality in files:
         if not counts[modality]["in"]:
             parts.append(f"{modality}: no records")
             continue
-        kinds = Counter(reason_kind(q["reason"]) for q in quarantined if q["modality"] == modality).most_common()
+        kinds = reason_kinds[modality].most_common()
         why = [f"{n} {kind}" for kind, n in kinds[:3]] + ([f"{sum(n for _, n in kinds[3:])} other"] if kinds[3:] else [])
         parts.append(f"{modality}: {counts[modality]['in']} ({', '.join(why)})")
     return CorpusError(f"no usable record in corpus folder {raw}, every record was quarantined: " + "; ".join(parts))
 
 
-def ingest(cfg: IngestConfig, paths: Paths) -> dict:
-    """Run the ingest stage: raw corpus folder -> 02_ingested/*.parquet + quarantine."""
+def _ingest_files(files: dict[str, list[Path]], raw: Path, cfg: IngestConfig, out: IngestedTables) -> None:
+    """Read every raw file into `out`, with a progress bar."""
     from rich.progress import Progress
 
-    start = time.perf_counter()
-    raw = paths.raw
     root = raw.resolve()
-    files = corpus_files(raw)
-    rows: dict[str, list[dict]] = {m: [] for m in MODALITIES}
-    quarantined: list[dict] = []
-    records_in = {m: 0 for m in MODALITIES}
-
     with Progress(transient=True) as progress:
         bar = progress.add_task("ingest", total=sum(len(v) for v in files.values()))
         for modality, paths_in in files.items():
@@ -518,25 +649,21 @@ def ingest(cfg: IngestConfig, paths: Paths) -> dict:
                 rel_path = path.relative_to(raw)
                 rel = _display_name(rel_path.as_posix())
                 source = _display_name(_source_name(rel_path.parts, path.stem))
-                res, n_records = ingest_file(modality, path, rel, source, root, cfg)
-                check_counts("ingest", {f"{modality} ({rel})": {"in": n_records, "kept": len(res.rows),
-                                                                "quarantined": len(res.quarantined)}})
-                rows[modality].extend(res.rows)
-                quarantined.extend(res.quarantined)
-                records_in[modality] += n_records
+                res, n_records = ingest_file(modality, path, rel, source, root, cfg, out)
+                out.add_file(modality, rel, res, n_records)
+            out.flush(modality)  # its files are done: its last rows need not wait for the other modalities
 
-    counts = {}
-    for modality in MODALITIES:
-        n_q = sum(1 for q in quarantined if q["modality"] == modality)
-        counts[modality] = {"in": records_in[modality], "kept": len(rows[modality]), "quarantined": n_q}
-    check_counts("ingest", counts)
-    if not any(c["kept"] for c in counts.values()):
-        raise _no_usable_record(raw, files, counts, quarantined)
 
-    with atomic_dir(paths.ingested) as tmp:
-        for modality in MODALITIES:
-            table = pa.Table.from_pylist(rows[modality], schema=SCHEMAS[modality])
-            pq.write_table(table, tmp / f"{modality}.parquet", compression="zstd")
-        write_quarantine(QUARANTINE_SCHEMA.empty_table(), quarantined, tmp / "quarantine.parquet")
+def ingest(cfg: IngestConfig, paths: Paths) -> dict:
+    """Run the ingest stage: raw corpus folder -> 02_ingested/*.parquet + quarantine, streamed."""
+    start = time.perf_counter()
+    files = corpus_files(paths.raw)
+    with atomic_dir(paths.ingested) as tmp, IngestedTables(tmp) as out:
+        _ingest_files(files, paths.raw, cfg, out)
+        check_counts("ingest", out.counts)
+        if not any(c["kept"] for c in out.counts.values()):
+            raise _no_usable_record(paths.raw, files, out.counts, out.reason_kinds)
+        # The quarantine is small rows, kept to the end and written whole.
+        write_quarantine(QUARANTINE_SCHEMA.empty_table(), out.quarantined, tmp / "quarantine.parquet")
     outputs = [str(paths.ingested)]
-    return {"stage": "ingest", "counts": counts, "outputs": outputs, "seconds": round(time.perf_counter() - start, 3)}
+    return {"stage": "ingest", "counts": out.counts, "outputs": outputs, "seconds": round(time.perf_counter() - start, 3)}
