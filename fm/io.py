@@ -61,6 +61,18 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(tmp)
 
 
+@contextmanager
+def scratch_dir(parent: str | os.PathLike, name: str) -> Iterator[Path]:
+    """A temporary folder under `parent` for a stage's intermediate files, removed when done. Named like the
+    other temporaries (.tmp-<8 hex>-name), so a killed run's leftover is found and removed by the next run."""
+    path = _tmp_name(Path(parent) / name)
+    path.mkdir(parents=True)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def sha256_file(path: str | os.PathLike) -> str:
     """The sha256 of a file, read in 4 MiB blocks."""
     h = hashlib.sha256()

@@ -24,7 +24,7 @@ from typing import Callable
 
 from fm.config import Params
 from fm.data.curate import curate
-from fm.data.ingest import ingest
+from fm.data.ingest import ingest_stage
 from fm.data.instructions import instructions
 from fm.data.shards import write_shards
 from fm.data.tokenizer import train_tokenizer
@@ -74,8 +74,8 @@ MODEL_FILES = ("model.safetensors", "config.json", "tokenizer.json")
 STAGES: dict[str, Stage] = {
     s.name: s
     for s in (
-        Stage("ingest", ingest, "Read the raw corpus (text, code, image-caption pairs, triples) into Arrow tables.",
-              sections=("ingest",), deps=("raw",), outs=("02_ingested",), retries=2),
+        Stage("ingest", ingest_stage, "Read the raw corpus (text, code, image-caption pairs, triples) into Arrow tables.",
+              sections=("ingest", "partitions"), deps=("raw",), outs=("02_ingested",), retries=2),
         Stage("validate", validate, "Run Great Expectations suites; failing rows go to quarantine.",
               upstream=("ingest",), sections=("validate",), deps=("02_ingested",), outs=("03_validated",)),
         Stage("curate", curate, "Exact and MinHash near-duplicate removal, quality filters, corpus statistics.",

@@ -32,6 +32,7 @@ import io
 import json
 import os
 import re
+import shutil
 import time
 import warnings
 from collections import Counter
@@ -45,10 +46,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageOps
 
-from fm.config import IngestConfig
+from fm.config import IngestConfig, PartitionsConfig
 from fm.data.schema import MODALITIES, PARTITION_ROWS, QUARANTINE_SCHEMA, SCHEMAS, content_id
 from fm.data.quarantine import check_counts, write_quarantine
-from fm.io import atomic_dir
+from fm.io import atomic_dir, scratch_dir
 from fm.paths import Paths
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
@@ -634,32 +635,80 @@ def _no_usable_record(raw: Path, files: dict, counts: dict, reason_kinds: dict[s
     return CorpusError(f"no usable record in corpus folder {raw}, every record was quarantined: " + "; ".join(parts))
 
 
+def _jobs(files: dict[str, list[Path]], raw: Path) -> list[tuple[str, Path, str, str]]:
+    """(modality, path, display name, source) of every raw file a reader takes, in corpus order."""
+    jobs = []
+    for modality, paths_in in files.items():
+        for path in paths_in:
+            if modality == "image_text" and path.suffix.lower() in IMAGE_SUFFIXES:
+                continue  # images are read through their manifest
+            rel_path = path.relative_to(raw)
+            jobs.append((modality, path, _display_name(rel_path.as_posix()),
+                         _display_name(_source_name(rel_path.parts, path.stem))))
+    return jobs
+
+
 def _ingest_files(files: dict[str, list[Path]], raw: Path, cfg: IngestConfig, out: IngestedTables) -> None:
-    """Read every raw file into `out`, with a progress bar."""
+    """Read every raw file into `out`, in this process, with a progress bar."""
     from rich.progress import Progress
 
-    root = raw.resolve()
+    root, jobs = raw.resolve(), _jobs(files, raw)
     with Progress(transient=True) as progress:
-        bar = progress.add_task("ingest", total=sum(len(v) for v in files.values()))
-        for modality, paths_in in files.items():
-            for path in paths_in:
-                progress.advance(bar)
-                if modality == "image_text" and path.suffix.lower() in IMAGE_SUFFIXES:
-                    continue  # images are read through their manifest
-                rel_path = path.relative_to(raw)
-                rel = _display_name(rel_path.as_posix())
-                source = _display_name(_source_name(rel_path.parts, path.stem))
-                res, n_records = ingest_file(modality, path, rel, source, root, cfg, out)
-                out.add_file(modality, rel, res, n_records)
-            out.flush(modality)  # its files are done: its last rows need not wait for the other modalities
+        bar = progress.add_task("ingest", total=len(jobs))
+        for k, (modality, path, rel, source) in enumerate(jobs):
+            res, n_records = ingest_file(modality, path, rel, source, root, cfg, out)
+            out.add_file(modality, rel, res, n_records)
+            progress.advance(bar)
+            if k + 1 == len(jobs) or jobs[k + 1][0] != modality:
+                out.flush(modality)  # its files are done: its last rows need not wait for the other modalities
 
 
-def ingest(cfg: IngestConfig, paths: Paths) -> dict:
-    """Run the ingest stage: raw corpus folder -> 02_ingested/*.parquet + quarantine, streamed."""
+def ingest_partition(job: tuple) -> dict:
+    """One raw file read into a folder of its own (a Dask worker's part of the stage): its kept rows in
+    {modality}.parquet there; returns its record count and quarantined records."""
+    modality, path, rel, source, root, cfg, part = job
+    part.mkdir(parents=True)
+    with IngestedTables(part) as out:
+        res, n_records = ingest_file(modality, path, rel, source, root, cfg, out)
+        out.write(modality, res.rows, res.n_bytes)
+    return {"records": n_records, "quarantined": res.quarantined}
+
+
+def _ingest_mapped(files: dict[str, list[Path]], raw: Path, cfg: IngestConfig, partitions, out: IngestedTables,
+                   scratch: Path) -> None:
+    """Read every raw file as a partition of its own (fm.data.partitions: Prefect tasks on Dask), then replay
+    each file's rows into `out` in corpus order, through the calls the local path makes, so that the tables
+    are the same, row groups included."""
+    from fm.data.partitions import map_partitions
+
+    root, jobs = raw.resolve(), _jobs(files, raw)
+    work = [(modality, path, rel, source, root, cfg, scratch / f"{k:07d}") for k, (modality, path, rel, source)
+            in enumerate(jobs)]
+    results = map_partitions(ingest_partition, work, partitions, name="ingest")
+    for k, ((modality, _, rel, _), result) in enumerate(zip(jobs, results)):
+        res = FileResult(out=out, quarantined=result["quarantined"])
+        part = scratch / f"{k:07d}" / f"{modality}.parquet"
+        for batch in pq.ParquetFile(part, pre_buffer=False).iter_batches():
+            for row in batch.to_pylist():
+                res.keep(row)
+        out.add_file(modality, rel, res, result["records"])
+        shutil.rmtree(part.parent)
+        if k + 1 == len(jobs) or jobs[k + 1][0] != modality:
+            out.flush(modality)
+
+
+def ingest(cfg: IngestConfig, paths: Paths, partitions: PartitionsConfig | None = None) -> dict:
+    """Run the ingest stage: raw corpus folder -> 02_ingested/*.parquet + quarantine, streamed; each raw file a
+    partition (partitions.runner: local, or Prefect tasks on Dask)."""
     start = time.perf_counter()
     files = corpus_files(paths.raw)
+    partitions = partitions or PartitionsConfig()
     with atomic_dir(paths.ingested) as tmp, IngestedTables(tmp) as out:
-        _ingest_files(files, paths.raw, cfg, out)
+        if partitions.runner == "local":
+            _ingest_files(files, paths.raw, cfg, out)
+        else:
+            with scratch_dir(paths.workdir, "ingest-parts") as scratch:
+                _ingest_mapped(files, paths.raw, cfg, partitions, out, scratch)
         check_counts("ingest", out.counts)
         if not any(c["kept"] for c in out.counts.values()):
             raise _no_usable_record(paths.raw, files, out.counts, out.reason_kinds)
@@ -667,3 +716,8 @@ def ingest(cfg: IngestConfig, paths: Paths) -> dict:
         write_quarantine(QUARANTINE_SCHEMA.empty_table(), out.quarantined, tmp / "quarantine.parquet")
     outputs = [str(paths.ingested)]
     return {"stage": "ingest", "counts": out.counts, "outputs": outputs, "seconds": round(time.perf_counter() - start, 3)}
+
+
+def ingest_stage(cfg: IngestConfig, partitions: PartitionsConfig, paths: Paths) -> dict:
+    """The ingest stage as the stage table runs it: its own settings, then where its partitions run."""
+    return ingest(cfg, paths, partitions)

@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import tempfile
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -68,7 +67,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from fm.config import ShardConfig
 from fm.data.schema import MODALITIES, PARTITION_ROWS, rows_per_batch
 from fm.data.tokenizer import SPECIAL_IDS, curated_tables, lang_token, load_tokenizer, modality_token
-from fm.io import atomic_dir, sha256_file
+from fm.io import atomic_dir, scratch_dir, sha256_file
 from fm.paths import Paths
 
 MANIFEST_FORMAT = 1
@@ -466,7 +465,7 @@ def write_shards(cfg: ShardConfig, paths: Paths) -> dict:
     out_dir = paths.tokens / "shards"
     counts, entries = {}, []
     console = Console(stderr=True)
-    with atomic_dir(out_dir) as tmp, tempfile.TemporaryDirectory(prefix=".tmp-shard-", dir=paths.tokens) as spill, \
+    with atomic_dir(out_dir) as tmp, scratch_dir(paths.tokens, "shard-spill") as spill, \
             Progress(TextColumn("[bold]shard[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
                      TextColumn("rows"), TimeRemainingColumn(), console=console) as progress:
         for modality, path in tables:
@@ -491,7 +490,7 @@ def write_shards(cfg: ShardConfig, paths: Paths) -> dict:
             builder = DocumentBuilder(modality)
 
             def documents(progress_task=task):
-                for rows in ordered_batches(path, schema, kept_rows[plan_rows], doc, Path(spill), batch_rows):
+                for rows in ordered_batches(path, schema, kept_rows[plan_rows], doc, spill, batch_rows):
                     docs_out.write(rows)
                     if images_out is not None:
                         images_out.write(rows)
