@@ -276,6 +276,31 @@ def test_onnx_lm_scores_like_the_decoder_and_refuses_a_changed_file(exported, tm
         OnnxLM(changed, shas["prefill_sha256"])
 
 
+def test_a_dynamic_int8_graph_scores_each_row_as_if_alone(exported, tmp_path):
+    """Dynamic quantization scales activations by the range of the whole call: run as one batch, a row's logits
+    move with its neighbours and padding. OnnxLM runs such a graph row by row without right padding, so
+    continuation scores are the same at every batch size (what the evaluate stage's figures rely on)."""
+    from fm.eval.choice import continuation_logprobs
+
+    model, prefill, _, _ = exported
+    int8 = tmp_path / "prefill.int8.onnx"
+    sha = quantize_int8(prefill, int8, "dynamic")
+    lm = OnnxLM(int8, sha, 1)
+    assert lm.per_row and not OnnxLM(prefill, sha256_file(prefill), 1).per_row
+    g = torch.Generator().manual_seed(3)
+    quiet = torch.randint(2, 40, (1, 12), generator=g)  # a row of small ids next to one of large ones
+    loud = torch.randint(40, model.cfg.vocab_size, (1, 12), generator=g)
+    alone = lm(quiet)[0][0]
+    together = lm(torch.cat([quiet, loud]))[0][0]
+    padded = lm(torch.cat([quiet, torch.ones(1, 4, dtype=torch.long)], dim=1))[0][0, :12]
+    assert torch.equal(alone, together) and torch.equal(alone, padded)
+    whole = lm.session.run(["logits"], {"ids": torch.cat([quiet, loud]).numpy()})[0][0]
+    assert not np.array_equal(whole, alone.numpy())  # one call for both rows: the row's scores moved
+    pairs = [([5, 9, 12, 3], [7, 8]), ([60, 61, 62], [2]), ([3] * 10, [40, 41, 42])]
+    scores = [continuation_logprobs(lm, pairs, 16, batch_size=b) for b in (1, 2, 3)]
+    assert scores[0] == scores[1] == scores[2]
+
+
 def test_load_session_refuses_a_changed_file(exported, tmp_path):
     model, prefill, decode, shas = exported
     copy = tmp_path / "prefill.onnx"

@@ -361,9 +361,14 @@ class OnnxLM(nn.Module):
     """A prefill graph on onnxruntime as a module that scores like a Decoder: forward(ids (B, T)) ->
     (logits (B, T, V) float32 tensor, None, {}), with the exported model's cfg (ModelConfig). fm's
     scorers (fm.eval.choice, held-out perplexity) take it as they take a torch model, so an int8 graph
-    is evaluated by the same code. The file is checked against sha256 as load_session does."""
+    is evaluated by the same code. The file is checked against sha256 as load_session does.
 
-    def __init__(self, prefill_path: str | os.PathLike, sha256: str, intra_op_threads: int | None = None):
+    A dynamically quantized graph (DynamicQuantizeLinear: int8 activations scaled by the range of each call's
+    whole input) would score a row differently beside other rows or padding; such a graph runs one row at a
+    time, each without its right padding (pad_id), so that its scores do not depend on the batch."""
+
+    def __init__(self, prefill_path: str | os.PathLike, sha256: str, intra_op_threads: int | None = None,
+                 pad_id: int = 1):
         super().__init__()
         from fm.models.decoder import ModelConfig
 
@@ -373,11 +378,24 @@ class OnnxLM(nn.Module):
             raise ValueError(f"{prefill_path} is a {kind} graph; OnnxLM scores with a prefill graph")
         self.cfg = ModelConfig.from_dict({**config, "moe_layers": tuple(config["moe_layers"])})
         self.path = Path(prefill_path)
+        self.pad_id = pad_id
+        import onnx
+
+        graph = onnx.load(str(prefill_path), load_external_data=False).graph
+        self.per_row = any(node.op_type == "DynamicQuantizeLinear" for node in graph.node)
 
     def forward(self, ids: torch.Tensor, **unused):
         if unused:
             raise ValueError(f"an ONNX graph takes only token ids, got {sorted(unused)}")
-        logits = self.session.run(["logits"], {"ids": ids.detach().cpu().numpy().astype(np.int64)})[0]
+        ids = ids.detach().cpu().numpy().astype(np.int64)  # (B, T)
+        if not self.per_row:
+            return torch.from_numpy(self.session.run(["logits"], {"ids": ids})[0]), None, {}
+        B, T = ids.shape
+        logits = np.zeros((B, T, self.cfg.vocab_size), np.float32)  # (B, T, V); padding positions stay 0
+        for b in range(B):
+            real = np.flatnonzero(ids[b] != self.pad_id)
+            n = int(real[-1]) + 1 if len(real) else 1  # up to the last token that is not right padding
+            logits[b, :n] = self.session.run(["logits"], {"ids": ids[b:b + 1, :n]})[0][0]
         return torch.from_numpy(logits), None, {}
 
 
