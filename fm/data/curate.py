@@ -243,8 +243,9 @@ def lsh_keys(texts, cfg: CurateConfig, total_chars: int, processes: int | None =
 def near_duplicates_from_keys(keys: np.ndarray, has_shingles: np.ndarray, fetch, cfg: CurateConfig
                               ) -> dict[int, tuple[int, float]]:
     """The LSH + exact-confirmation rule of find_near_duplicates on precomputed band keys: only documents that
-    share a band with another one are candidates, and only their texts are fetched (fetch(indices) -> texts,
-    in order), for their signatures (the estimate that screens) and shingle sets (the exact Jaccard)."""
+    share a band with another one are candidates, and only their texts are read (fetch(indices) -> an iterable of
+    their texts, in order), a chunk at a time, for their signatures (the estimate that screens) and shingle sets
+    (the exact Jaccard); the texts themselves are not kept."""
     n = len(keys)
     collides = np.zeros(n, dtype=bool)
     for b in range(cfg.num_bands):
@@ -254,10 +255,12 @@ def near_duplicates_from_keys(keys: np.ndarray, has_shingles: np.ndarray, fetch,
     candidates = np.flatnonzero(collides)
     if candidates.size == 0:
         return {}
-    texts = fetch(candidates)
     position = {i: k for k, i in enumerate(candidates.tolist())}
-    signatures = _signatures((texts, cfg.shingle_size, cfg.num_perm, cfg.seed))  # (C, num_perm)
-    shingle_set = shingle_sets(texts, cfg.shingle_size)
+    parts, shingle_set = [], []
+    for chunk in _text_chunks(fetch(candidates), cfg):  # numpy's temporaries scale with a chunk, not the corpus
+        parts.append(_signatures(chunk))
+        shingle_set += shingle_sets(chunk[0], cfg.shingle_size)
+    signatures = np.concatenate(parts)  # (C, num_perm)
 
     # In document order: compare with the kept documents that share a band; keep or remove.
     kept_in_bucket: dict[tuple[int, int], list[int]] = {}
@@ -292,7 +295,7 @@ def find_near_duplicates(
     texts and cfg, never on the number of processes.
     """
     keys, has_shingles = lsh_keys(texts, cfg, sum(map(len, texts)), processes)
-    return near_duplicates_from_keys(keys, has_shingles, lambda rows: [texts[i] for i in rows.tolist()], cfg)
+    return near_duplicates_from_keys(keys, has_shingles, lambda rows: (texts[i] for i in rows.tolist()), cfg)
 
 
 def exact_near_duplicates(texts: Sequence[str], cfg: CurateConfig) -> dict[int, tuple[int, float]]:
@@ -363,16 +366,14 @@ def _batches(path, columns: list[str] | None = None):
         offset += batch.num_rows
 
 
-def _fetch_texts(path, rows: np.ndarray) -> list[str]:
-    """The texts of the given rows (sorted, unique) of the table at path, in that order."""
-    out: list[str] = []
+def _fetch_texts(path, rows: np.ndarray):
+    """The texts of the given rows (sorted, unique) of the table at path, in that order, read a batch at a time."""
     cursor = 0
     for offset, batch in _batches(path, ["text"]):
         stop = int(np.searchsorted(rows, offset + batch.num_rows))
         if stop > cursor:
-            out += [t or "" for t in batch["text"].take(pa.array(rows[cursor:stop] - offset)).to_pylist()]
+            yield from (t or "" for t in batch["text"].take(pa.array(rows[cursor:stop] - offset)).to_pylist())
             cursor = stop
-    return out
 
 
 def curate_removals(path, modality: str, cfg: CurateConfig) -> dict[int, tuple[str, int | None]]:
