@@ -393,11 +393,10 @@ def curate_removals(path, modality: str, cfg: CurateConfig) -> dict[int, tuple[s
                     removals[row] = (reason, None)
     hi, lo = (np.concatenate(x) if x else np.zeros(0, np.uint64) for x in (hi, lo))
     ids = np.stack([hi, lo], axis=1).view([("hi", np.uint64), ("lo", np.uint64)])[:, 0]  # (N,) sortable ids
-    _, first = np.unique(ids, return_index=True)  # the first row of each id
-    duplicate = np.ones(len(ids), bool)
-    duplicate[first] = False
-    for row in np.flatnonzero(duplicate).tolist():  # an exact duplicate is that, whatever its quality
-        removals[row] = ("exact_duplicate", int(first[np.searchsorted(ids[first], ids[row])]))
+    _, first, inverse = np.unique(ids, return_index=True, return_inverse=True)
+    first_of = first[inverse.reshape(-1)]  # (N,) the first row with each row's id
+    for row in np.flatnonzero(first_of != np.arange(len(ids))).tolist():  # exact duplicates, whatever their quality
+        removals[row] = ("exact_duplicate", int(first_of[row]))
     if filtered and cfg.near_dup:
         survivors = np.array([row for row in range(len(ids)) if row not in removals], np.int64)
         texts = (t or "" for offset, batch in _batches(path, ["text"])

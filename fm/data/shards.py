@@ -110,17 +110,22 @@ def stream_plan(modality: str, keys: pa.Table, cfg: ShardConfig) -> tuple[np.nda
     if modality != "triples":
         return order[rng.permutation(len(order))], np.arange(len(order), dtype=np.int64)
 
-    # Triples: a document is a paragraph of facts about one subject, in one language, from one source.
+    # Triples: a document is a paragraph of facts about one subject, in one language, from one source, of at
+    # most triples_per_document facts (a subject's run of facts is cut every triples_per_document rows).
     group = keys.take(pa.array(order)).select(["subject", "lang", "source"])
-    keys_sorted = list(zip(*(group[c].to_pylist() for c in group.column_names)))
-    paragraph = np.empty(len(keys_sorted), np.int64)  # (N,) paragraph of each sorted triple
-    n_par, run = -1, 0
-    for i, key in enumerate(keys_sorted):  # per triple, not per token
-        if i == 0 or key != keys_sorted[i - 1] or run == cfg.triples_per_document:
-            n_par, run = n_par + 1, 0
-        paragraph[i] = n_par
-        run += 1
-    n_par += 1
+    n = group.num_rows
+    starts_group = np.zeros(n, bool)  # (N,) first row of a (subject, lang, source) run in sorted order
+    starts_group[:1] = True
+    if n > 1:
+        for column in group.columns:
+            values = column.combine_chunks()
+            if values.null_count:  # null as a value of its own, as the sort placed them
+                values = pc.fill_null(values.cast(pa.string()), "\x00")
+            starts_group[1:] |= pc.not_equal(values.slice(1), values.slice(0, n - 1)).to_numpy(zero_copy_only=False)
+    rows = np.arange(n)
+    group_start = np.maximum.accumulate(np.where(starts_group, rows, 0))  # (N,) row where each row's run began
+    paragraph = np.cumsum(starts_group | ((rows - group_start) % cfg.triples_per_document == 0)) - 1  # (N,)
+    n_par = int(paragraph[-1]) + 1 if n else 0
     doc_of_paragraph = np.empty(n_par, np.int64)
     doc_of_paragraph[rng.permutation(n_par)] = np.arange(n_par)  # paragraph -> shuffled ordinal
     doc = doc_of_paragraph[paragraph]  # (N,)
