@@ -247,12 +247,12 @@ def near_duplicates_from_keys(keys: np.ndarray, has_shingles: np.ndarray, fetch,
     their texts, in order), a chunk at a time, for their signatures (the estimate that screens) and shingle sets
     (the exact Jaccard); the texts themselves are not kept."""
     n = len(keys)
-    collides = np.zeros(n, dtype=bool)
+    shared = np.zeros((n, cfg.num_bands), dtype=bool)  # (n, B) a bucket another document is in too
     for b in range(cfg.num_bands):
         band = np.where(has_shingles, keys[:, b], np.arange(n, dtype=np.uint64))  # no shingles: a key of its own
         _, inverse, counts = np.unique(band, return_inverse=True, return_counts=True)
-        collides |= (counts[inverse] > 1) & has_shingles
-    candidates = np.flatnonzero(collides)
+        shared[:, b] = (counts[inverse.reshape(-1)] > 1) & has_shingles
+    candidates = np.flatnonzero(shared.any(axis=1))
     if candidates.size == 0:
         return {}
     position = {i: k for k, i in enumerate(candidates.tolist())}
@@ -265,8 +265,9 @@ def near_duplicates_from_keys(keys: np.ndarray, has_shingles: np.ndarray, fetch,
     # In document order: compare with the kept documents that share a band; keep or remove.
     kept_in_bucket: dict[tuple[int, int], list[int]] = {}
     removed: dict[int, tuple[int, float]] = {}
-    for i, row in zip(candidates.tolist(), keys[candidates].tolist()):
-        buckets = list(enumerate(row))
+    for i, row, in_shared in zip(candidates.tolist(), keys[candidates].tolist(), shared[candidates].tolist()):
+        # only buckets another document shares: a bucket of one can never match (and is not worth keeping)
+        buckets = [(b, key) for b, (key, s) in enumerate(zip(row, in_shared)) if s]
         earlier = [position[j] for j in dict.fromkeys(j for bucket in buckets for j in kept_in_bucket.get(bucket, ()))]
         # Screen with the MinHash estimate first, with a margin of 0.2 (over 4 standard deviations
         # at 128 permutations), so a large family of similar-but-kept documents stays cheap.
