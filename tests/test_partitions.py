@@ -1,5 +1,6 @@
 """The data stages' partitions on a Dask cluster (issue 13): ingest's raw files mapped as Prefect tasks on a
-2-worker local Dask cluster (prefect-dask) give the tables the in-process runner gives, byte for byte.
+2-worker local Dask cluster (prefect-dask), a few files a task, give the tables the in-process runner gives,
+byte for byte.
 
     pytest tests/test_partitions.py
 """
@@ -14,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from fm.config import IngestConfig, PartitionsConfig
+import fm.data.ingest as ingest_module
 from fm.data.ingest import ingest
 from fm.data.partitions import map_partitions
 from fm.paths import Paths
@@ -36,7 +38,7 @@ def digests(folder: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.glob("*.parquet"))}
 
 
-def test_dask_runner_ingests_the_same_tables_as_the_local_one(tmp_path):
+def test_dask_runner_ingests_the_same_tables_as_the_local_one(tmp_path, monkeypatch):
     raw = tmp_path / "raw"
     outside = tmp_path / "outside"
     outside.mkdir()
@@ -44,6 +46,7 @@ def test_dask_runner_ingests_the_same_tables_as_the_local_one(tmp_path):
     local = Paths(raw, tmp_path / "local")
     ingest(IngestConfig(max_text_bytes=4096), local)
     mapped = Paths(raw, tmp_path / "dask")
+    monkeypatch.setattr(ingest_module, "PARTITION_FILES", 3)  # several tasks of several files each
     summary = ingest(IngestConfig(max_text_bytes=4096), mapped, PartitionsConfig(runner="dask", dask_workers=2))
     assert digests(mapped.ingested) == digests(local.ingested)
     assert pq.read_table(mapped.ingested / "quarantine.parquet").num_rows > 5

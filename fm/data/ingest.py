@@ -674,6 +674,30 @@ def ingest_partition(job: tuple) -> dict:
     return {"records": n_records, "quarantined": res.quarantined}
 
 
+PARTITION_FILES, PARTITION_BYTES = 512, 16 << 20  # raw files per Dask task: a task per small file costs more than it does
+
+
+def _groups(work: list[tuple]) -> list[list[tuple]]:
+    """Consecutive raw files in groups of at most PARTITION_FILES files or about PARTITION_BYTES: one task each."""
+    groups, size = [[]], 0
+    for job in work:
+        try:
+            n = job[1].stat().st_size
+        except OSError:
+            n = 0  # the reader will say why it cannot read it
+        if groups[-1] and (len(groups[-1]) >= PARTITION_FILES or size + n > PARTITION_BYTES):
+            groups.append([])
+            size = 0
+        groups[-1].append(job)
+        size += n
+    return [g for g in groups if g]
+
+
+def ingest_partitions(group: list[tuple]) -> list[dict]:
+    """ingest_partition for each raw file of a group, in order (one Prefect task on a Dask worker)."""
+    return [ingest_partition(job) for job in group]
+
+
 def _ingest_mapped(files: dict[str, list[Path]], raw: Path, cfg: IngestConfig, partitions, out: IngestedTables,
                    scratch: Path) -> None:
     """Read every raw file as a partition of its own (fm.data.partitions: Prefect tasks on Dask), then replay
@@ -684,7 +708,7 @@ def _ingest_mapped(files: dict[str, list[Path]], raw: Path, cfg: IngestConfig, p
     root, jobs = raw.resolve(), _jobs(files, raw)
     work = [(modality, path, rel, source, root, cfg, scratch / f"{k:07d}") for k, (modality, path, rel, source)
             in enumerate(jobs)]
-    results = map_partitions(ingest_partition, work, partitions, name="ingest")
+    results = [r for group in map_partitions(ingest_partitions, _groups(work), partitions, name="ingest") for r in group]
     for k, ((modality, _, rel, _), result) in enumerate(zip(jobs, results)):
         res = FileResult(out=out, quarantined=result["quarantined"])
         part = scratch / f"{k:07d}" / f"{modality}.parquet"
