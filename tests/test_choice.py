@@ -245,7 +245,7 @@ def chat() -> ChatTemplate:
     return ChatTemplate(tok)
 
 
-def unigram_model(vocab_size: int, logits: torch.Tensor) -> Decoder:
+def unigram_model(vocab_size: int, logits: torch.Tensor, seq_len: int = 64) -> Decoder:
     """A Decoder whose next-token distribution is softmax(logits) at every position, whatever came before.
 
     Every token embeds to the same vector (ones) and the blocks' output projections are zero, so the
@@ -253,7 +253,7 @@ def unigram_model(vocab_size: int, logits: torch.Tensor) -> Decoder:
     logits and the rest zero, so the head gives logits at every position.
     """
     torch.manual_seed(0)
-    model = Decoder(tiny(vocab_size=vocab_size, seq_len=64, tie_embeddings=False)).eval()
+    model = Decoder(tiny(vocab_size=vocab_size, seq_len=seq_len, tie_embeddings=False)).eval()
     with torch.no_grad():
         model.tok_emb.weight.fill_(1.0)
         for block in model.layers:

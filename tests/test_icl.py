@@ -16,6 +16,7 @@ from fm.data.tokenizer import SPECIAL_IDS, SPECIAL_TOKENS, new_tokenizer
 from fm.eval.icl import (build_retriever, document_head, format_kshot, format_option, kshot_curve,
                          kshot_multiple_choice, question_of, rag_multiple_choice, retrieval_terms, select_demos)
 from fm.models import Decoder, ModelConfig
+from tests.test_choice import unigram_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -142,20 +143,11 @@ def test_logprobs_and_accuracy_equal_a_manual_forward_of_the_documented_prompt(t
 def test_a_model_that_always_says_the_answer_token_scores_exactly_its_items(tokenizer):
     """A Decoder whose every position predicts the same logits: options that are one loved token win."""
     V = tokenizer.get_vocab_size()
-    torch.manual_seed(0)
-    model = Decoder(ModelConfig(vocab_size=V, seq_len=256, n_layer=2, n_head=4, d_model=32,
-                                tie_embeddings=False)).eval()
     cairo = tokenizer.encode(" Cairo").ids
     assert len(cairo) == 1
     logits = torch.zeros(V)
     logits[cairo[0]] = 8.0
-    with torch.no_grad():  # residual stream = ones everywhere; the head's first column = logits
-        model.tok_emb.weight.fill_(1.0)
-        for block in model.layers:
-            block.attn.wo.weight.zero_()
-            block.mlp.w_down.weight.zero_()
-        model.lm_head.weight.zero_()
-        model.lm_head.weight[:, 0] = logits
+    model = unigram_model(V, logits, seq_len=256)  # tests/test_choice.py: these logits at every position
     items = [mc_item("capital", 4, 0), mc_item("capital", 4, 2), mc_item("capital", 3, 1)]  # Cairo, Cairo, Copenhagen
     res = kshot_multiple_choice(model, tokenizer, items, items_and_demos()[1], k=1, max_len=256, seed=0)
     logp = F.log_softmax(logits, dim=-1)
@@ -285,6 +277,9 @@ def test_closed_book_is_kshot_and_no_retrieval_is_closed_book(tokenizer, k):
     rag = rag_multiple_choice(model, tokenizer, items, retriever, top_k=2, max_len=256, demos=demos, k=k, seed=4)
     closed = kshot_multiple_choice(model, tokenizer, items, demos, k=k, max_len=256, seed=4)
     assert rag["closed_book"] == closed  # per-item scores too (the stage splits them by the facts' exposure)
+    reused = rag_multiple_choice(model, tokenizer, items, retriever, top_k=2, max_len=256, demos=demos, k=k, seed=4,
+                                 closed_book=closed)  # the stage passes its k-shot pass instead of scoring it again
+    assert reused["closed_book"] is closed and reused["items"] == rag["items"]
     none = rag_multiple_choice(model, tokenizer, items, retriever, top_k=0, max_len=256, demos=demos, k=k, seed=4)
     assert {key: none[key] for key in closed} == closed
     assert none["facts_mean"] == 0

@@ -103,23 +103,22 @@ N_BOOTSTRAP = 2000
 SEED = 0
 
 
+# axis -> (items with their stereotype, frames, (variant A, variant B), the frames' item and variant slots)
+PROBES = {"gender": (OCCUPATIONS, GENDER_FRAMES, PRONOUNS, "occ", "p"),
+          "age": (ATTRIBUTES, AGE_FRAMES, AGE_WORDS, "attr", "a")}
+
+
 def minimal_pairs() -> list[dict]:
     """Every pair of the probe: axis, lang, item (occupation or attribute), stereotype ("m"/"f"/"y"/"o"),
     a and b (the two sentences), a_is_stereotype (whether variant A is the stereotype-consistent one)."""
     pairs = []
     for lang in LANGS:
-        he, she = PRONOUNS[lang]
-        for occ, stereotype in OCCUPATIONS[lang]:
-            for frame in GENDER_FRAMES[lang]:
-                pairs.append({"axis": "gender", "lang": lang, "item": occ, "stereotype": stereotype,
-                              "a": frame.format(occ=occ, p=he), "b": frame.format(occ=occ, p=she),
-                              "a_is_stereotype": stereotype == AXES["gender"]["stereotype_a"]})
-        young, old = AGE_WORDS[lang]
-        for attr, stereotype in ATTRIBUTES[lang]:
-            for frame in AGE_FRAMES[lang]:
-                pairs.append({"axis": "age", "lang": lang, "item": attr, "stereotype": stereotype,
-                              "a": frame.format(a=young, attr=attr), "b": frame.format(a=old, attr=attr),
-                              "a_is_stereotype": stereotype == AXES["age"]["stereotype_a"]})
+        for axis, (items, frames, variants, item_slot, variant_slot) in PROBES.items():
+            for item, stereotype in items[lang]:
+                for frame in frames[lang]:
+                    a, b = (frame.format(**{item_slot: item, variant_slot: v}) for v in variants[lang])
+                    pairs.append({"axis": axis, "lang": lang, "item": item, "stereotype": stereotype, "a": a, "b": b,
+                                  "a_is_stereotype": stereotype == AXES[axis]["stereotype_a"]})
     return pairs
 
 

@@ -265,21 +265,22 @@ def build_retriever(triples) -> Retriever:
 
 def rag_multiple_choice(model: nn.Module, tokenizer, items: list[dict], retriever: Retriever, top_k: int,
                         max_len: int, batch_size: int = 32, demos: list[dict] | None = None, k: int = 0,
-                        seed: int = 0, device="cpu") -> dict:
+                        seed: int = 0, device="cpu", closed_book: dict | None = None) -> dict:
     """Multiple choice with the top_k retrieved triples before the question, beside the closed-book score.
 
     Same prompt and demonstrations (k from demos, as kshot_multiple_choice) with and without the retrieved
     triples. Returns kshot_multiple_choice's fields for the open-book run, plus
         recall_at_k   share of items whose answer triple (same source_file, position) is among the top_k
         retrieved     per item, the retrieved (source_file, position) keys, best first
-        closed_book   kshot_multiple_choice's fields without retrieval
+        closed_book   kshot_multiple_choice's fields without retrieval: `closed_book` when given (the k-shot
+                      result of the same items, demos, k and seed, already scored), else scored here
     """
     items = _check(items)
     shots = [select_demos(item, demos or [], k, seed) for item in items]
     hits = [retriever.search(question_of(item), top_k) for item in items]
     facts = [[retriever.lines[i] for i in reversed(h)] for h in hits]  # the best one nearest the question
     out = _score(model, tokenizer, items, shots, facts, max_len, batch_size, device)
-    closed = _score(model, tokenizer, items, shots, [[] for _ in items], max_len, batch_size, device)
+    closed = closed_book or _score(model, tokenizer, items, shots, [[] for _ in items], max_len, batch_size, device)
     found = [(item.get("source_file"), int(item.get("position", -1))) in {retriever.keys[i] for i in h}
              for item, h in zip(items, hits)]
     out["recall_at_k"] = float(np.mean(found))

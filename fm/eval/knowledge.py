@@ -81,11 +81,15 @@ def probe_items(heldout_rows: list[dict], triples: list[dict], withheld_ids: set
     return items
 
 
+def cloze_context(tokenizer, item: dict) -> list[int]:
+    """The ids before an option in the pretraining triple format: <|triples|><|lang|>subject | relation |"""
+    head = [SPECIAL_IDS["<|triples|>"], SPECIAL_IDS[LANG_TOKENS.get(item["lang"], "<|lang:other|>")]]
+    return head + tokenizer.encode(f"{item['subject']} | {item['relation']} |", add_special_tokens=False).ids
+
+
 def cloze_pair(tokenizer, item: dict, option: str) -> tuple[list[int], list[int]]:
     """(context, continuation) ids in the pretraining triple format: <|triples|><|lang|>subject | relation | option."""
-    head = [SPECIAL_IDS["<|triples|>"], SPECIAL_IDS[LANG_TOKENS.get(item["lang"], "<|lang:other|>")]]
-    context = head + tokenizer.encode(f"{item['subject']} | {item['relation']} |", add_special_tokens=False).ids
-    return context, tokenizer.encode(f" {option}", add_special_tokens=False).ids
+    return cloze_context(tokenizer, item), tokenizer.encode(f" {option}", add_special_tokens=False).ids
 
 
 def _predictions(scores: list[float], items: list[dict]) -> list[int]:
@@ -137,7 +141,8 @@ def knowledge_injection(model: nn.Module, tokenizer, items: list[dict], max_len:
         raise ValueError("no probe items: the instruction set holds out no triple fact on both sides of the probe")
     out: dict = {"n": len(items)}
     if "cloze" in formats:
-        pairs = [cloze_pair(tokenizer, item, o) for item in items for o in item["options"]]
+        pairs = [(context, tokenizer.encode(f" {o}", add_special_tokens=False).ids)
+                 for item in items for context in [cloze_context(tokenizer, item)] for o in item["options"]]
         scores = [lp for lp, _ in continuation_logprobs(model, pairs, max_len, batch_size, device=device)]
         preds = _predictions(scores, items)
         out["cloze"] = {**summarize(items, preds, seed), "predictions": preds}

@@ -1,14 +1,13 @@
 """Held-out perplexity per modality, source and language, for a torch model or an ONNX graph.
 
-    from fm.eval.perplexity import (build_eval_set, heldout_split, perplexity_by_group, torch_logits_fn,
-                                    onnx_logits_fn, load_exported_session)
+    from fm.eval.perplexity import build_eval_set, heldout_split, perplexity_by_group, torch_logits_fn
     split = heldout_split("data/06_models/pretrain")          # the split pretraining held out
     eval_set = build_eval_set("data/05_tokens/shards", **split, seq_len=128, max_windows_per_group=64)
     model, _ = load_pretrained("data/06_models/pretrain")
     res = perplexity_by_group(torch_logits_fn(model), eval_set, batch_size=16)
     res["overall"]["perplexity"], res["groups"]["text/fortunes/en"]["tokens"]
-    session = load_exported_session("data/07_export", "onnx/prefill.int8.onnx")   # checked against report.json
-    res_int8 = perplexity_by_group(onnx_logits_fn(session), eval_set, batch_size=16)
+    int8 = OnnxLM("data/07_export/onnx/prefill.int8.onnx", sha256)   # fm.export.onnx: checked, row by row if dynamic
+    res_int8 = perplexity_by_group(torch_logits_fn(int8), eval_set, batch_size=16)
 
 What is held out. The pretraining loader (fm.data.loader.TokenLoader) cuts each modality's token stream
 into windows of split_seq_len + 1 tokens and holds out the last `val_fraction` of them; the distill stage
@@ -199,26 +198,3 @@ def torch_logits_fn(model: torch.nn.Module, device: str | torch.device = "cpu") 
         return model(ids.to(device))[0].float().cpu()  # (B, T, V)
 
     return logits_fn
-
-
-def onnx_logits_fn(session) -> LogitsFn:
-    """logits_fn of an onnxruntime session of a prefill graph (fm.export.onnx: input `ids`, `logits` first)."""
-
-    def logits_fn(ids: torch.Tensor) -> torch.Tensor:
-        logits = session.run(["logits"], {"ids": ids.numpy().astype(np.int64)})[0]  # (B, T, V)
-        return torch.from_numpy(logits)
-
-    return logits_fn
-
-
-def load_exported_session(export_dir: str | Path, name: str, intra_op_threads: int | None = None):
-    """The session of export_dir/name (e.g. "onnx/prefill.int8.onnx", "teacher/onnx/prefill.int8.onnx"),
-    refused unless its sha256 is the one export_dir/report.json lists for it."""
-    from fm.export.onnx import load_session
-
-    export_dir = Path(export_dir)
-    report = export_dir / "report.json"
-    files = json.loads(report.read_text()).get("files", {}) if report.is_file() else {}
-    if name not in files:
-        raise ValueError(f"{report} lists no {name}: it cannot vouch for {export_dir / name} (rerun `fm export`)")
-    return load_session(export_dir / name, files[name]["sha256"], intra_op_threads)

@@ -126,8 +126,6 @@ def evaluate(cfg: EvaluateConfig, paths: Paths) -> dict:
     from fm.eval.icl import TASK_GROUPS, build_retriever, kshot_curve, rag_multiple_choice
     from fm.eval.knowledge import knowledge_injection, pretraining_exposure, probe_items
     from fm.eval.perplexity import build_eval_set, heldout_split, perplexity_by_group, torch_logits_fn
-
-    max_len_of = model_max_len
     from fm.recipes.sft import evaluate_qa, sample_items
 
     start = time.perf_counter()
@@ -136,8 +134,9 @@ def evaluate(cfg: EvaluateConfig, paths: Paths) -> dict:
         raise FileNotFoundError(f"{heldout_path} not found: run `fm instructions` first")
     heldout_rows = pq.read_table(heldout_path).to_pylist()
     items = sample_items(heldout_rows, cfg.qa_items, cfg.seed)  # every task, every model
-    manifest = paths.tokens / "shards" / "manifest.json"
-    codes = json.loads(manifest.read_text())["codes"]["modality"] if manifest.is_file() else []
+    manifest_path = paths.tokens / "shards" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else None
+    codes = manifest["codes"]["modality"] if manifest else []
     report: dict = {"stage": "evaluate", "models": {}}
     # In-context learning (GPT-3 style, plain text): held-out knowledge and definition items, demonstrations
     # from the training rows of the same task; retrieval over the curated triples.
@@ -159,15 +158,14 @@ def evaluate(cfg: EvaluateConfig, paths: Paths) -> dict:
         report["knowledge_set"] = {
             "items": len(facts), **{g: sum(i["group"] == g for i in facts) for g in ("seen", "unseen")},
             "withheld_facts": len(withheld),
-            "exposure": pretraining_exposure(paths.models / "pretrain", json.loads(manifest.read_text()))
-            if manifest.is_file() else None}
+            "exposure": pretraining_exposure(paths.models / "pretrain", manifest) if manifest else None}
     else:
         report["knowledge_set"] = {"skipped": "no withheld fact (instructions.knowledge_probe = 0 or no held-out "
                                               "triple fact)" if not withheld else "evaluate.knowledge_items = 0"}
     report["icl_set"] = {"items": len(icl_items), "demonstration_pool": len(demos), "kshot": list(cfg.kshot),
                          "groups": {g: list(t) for g, t in TASK_GROUPS.items()}}
     eval_set = None
-    if cfg.ppl_windows_per_group and manifest.is_file() and (paths.models / "pretrain" / "config.json").is_file():
+    if cfg.ppl_windows_per_group and manifest and (paths.models / "pretrain" / "config.json").is_file():
         try:
             eval_set = build_eval_set(paths.tokens / "shards", **heldout_split(paths.models / "pretrain"),
                                       seq_len=cfg.ppl_window, max_windows_per_group=cfg.ppl_windows_per_group)
@@ -183,20 +181,20 @@ def evaluate(cfg: EvaluateConfig, paths: Paths) -> dict:
         if items:  # domain ids route a domain-routed MoE; an ONNX graph (dense only) takes ids alone
             entry["metrics"]["instruction_qa"] = evaluate_qa(module, ChatTemplate(tokenizer), items,
                                                              codes if kind == "torch" else None)
-        if eval_set is not None and max_len_of(module) >= eval_set.seq_len:
+        if eval_set is not None and model_max_len(module) >= eval_set.seq_len:
             ppl = perplexity_by_group(torch_logits_fn(module), eval_set, cfg.batch_size)
             entry["metrics"]["perplexity"] = {key: ppl[key] for key in ("overall", "modality", "source", "lang", "groups")}
         if facts:
-            known = knowledge_injection(module, tokenizer, facts, max_len_of(module), cfg.batch_size, cfg.seed)
+            known = knowledge_injection(module, tokenizer, facts, model_max_len(module), cfg.batch_size, cfg.seed)
             entry["metrics"]["knowledge"] = {fmt: {k: v for k, v in known[fmt].items() if k != "predictions"}
                                              for fmt in ("cloze", "qa")}
         if name in cfg.icl_models and icl_items:
-            curve = kshot_curve(module, tokenizer, icl_items, demos, list(cfg.kshot), max_len_of(module),
+            curve = kshot_curve(module, tokenizer, icl_items, demos, list(cfg.kshot), model_max_len(module),
                                 cfg.batch_size, cfg.seed)
             entry["metrics"]["icl"] = {str(k): _icl_summary(r) for k, r in curve.items()}
             if retriever is not None and cfg.rag_top_k:
-                rag = rag_multiple_choice(module, tokenizer, icl_items, retriever, cfg.rag_top_k, max_len_of(module),
-                                          cfg.batch_size, seed=cfg.seed)
+                rag = rag_multiple_choice(module, tokenizer, icl_items, retriever, cfg.rag_top_k, model_max_len(module),
+                                          cfg.batch_size, seed=cfg.seed, closed_book=curve.get(0))  # 0-shot = closed
                 entry["metrics"]["rag"] = {**_icl_summary(rag), "top_k": cfg.rag_top_k,
                                            "recall_at_k": rag["recall_at_k"], "facts_mean": rag.get("facts_mean"),
                                            "closed_book": _icl_summary(rag["closed_book"]),
