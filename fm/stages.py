@@ -26,6 +26,7 @@ from fm.config import Params
 from fm.data.curate import curate
 from fm.data.ingest import ingest_stage
 from fm.data.instructions import instructions
+from fm.data.schema import returned_memory
 from fm.data.shards import write_shards
 from fm.data.tokenizer import train_tokenizer
 from fm.data.validate import validate
@@ -197,8 +198,14 @@ def select_stages(stages: list[str] | None = None, from_stage: str | None = None
     return names
 
 
+DATA_STAGES = ("ingest", "validate", "curate", "tokenize", "instructions", "shard")
+
+
 def run_stage(name: str, params: Params, paths: Paths, fresh: bool = False) -> dict:
     """Run one stage with the params sections it reads; `fresh` retrains a training stage from scratch."""
     stage = STAGES[name]
     kwargs = {"fresh": True} if (fresh and stage.trains) else {}
+    if name in DATA_STAGES:  # their memory must stay flat as the corpus grows (issue 13)
+        with returned_memory():
+            return stage.run(*stage.settings(params), paths, **kwargs)
     return stage.run(*stage.settings(params), paths, **kwargs)

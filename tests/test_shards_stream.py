@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 import pytest
@@ -101,3 +102,32 @@ def test_peak_memory_does_not_grow_with_the_corpus(tmp_path):
     manifest = json.loads((tmp_path / "large" / "05_tokens" / "shards" / "manifest.json").read_text())
     assert manifest["totals"]["counts"]["image_text"]["rows"] == 4000
     assert large - small < 60, (small, large)
+
+
+def test_the_plan_on_key_ranks_orders_rows_as_sorting_the_key_strings_does():
+    """The stage plans on 4-byte ranks of one key column at a time; the order must be the one a sort of the strings
+    themselves gives (ties broken by the next key, nulls last), and a triples paragraph one (subject, lang, source)."""
+    rng = np.random.default_rng(3)
+    n = 2000
+    words = ["", "a", "ab", "b", "Ä", "文", "a\x00", None]
+    keys = pa.table({c: pa.array([words[k] for k in rng.integers(0, len(words), n)], pa.string())
+                     for c in ("subject", "lang", "source", "relation", "object")})
+    keys = keys.append_column("id", pa.array([f"{k:04d}" for k in rng.permutation(n)]))
+    cfg = ShardConfig(triples_per_document=3)
+    for modality, columns in shards.PLAN_KEYS.items():
+        ranks = {c: shards.key_ranks(keys[c] if c in keys.column_names else keys["id"]) for c in columns}
+        rows, doc = shards.stream_plan(modality, ranks, cfg)
+        names = [c if c in keys.column_names else "id" for c in columns]
+        by_strings = pc.sort_indices(keys, sort_keys=[(c, "ascending") for c in names]).to_numpy()
+        if modality != "triples":
+            shuffle = np.random.default_rng([cfg.seed, shards.MODALITIES.index(modality)]).permutation(n)
+            assert rows.tolist() == by_strings[shuffle].tolist()
+            continue
+        assert sorted(rows.tolist()) == list(range(n)) and (np.diff(doc) >= 0).all()
+        position = np.empty(n, np.int64)
+        position[by_strings] = np.arange(n)
+        for d in np.unique(doc):  # a paragraph: consecutive rows of the sorted order, one group, at most 3 facts
+            members = rows[doc == d]
+            assert np.diff(position[members]).tolist() == [1] * (len(members) - 1) and len(members) <= 3
+            group = {tuple(keys[c][int(r)].as_py() for c in ("subject", "lang", "source")) for r in members}
+            assert len(group) == 1

@@ -362,7 +362,8 @@ def quality_reason(text: str, cfg: CurateConfig) -> str | None:
 def _batches(path, columns: list[str] | None = None):
     """(first row, batch) of the table at path, a batch at a time (no read-ahead)."""
     offset = 0
-    for batch in pq.ParquetFile(path, pre_buffer=False).iter_batches(batch_size=rows_per_batch(path), columns=columns):
+    file = pq.ParquetFile(path, pre_buffer=False, buffer_size=1 << 20)  # read a page at a time, not a column chunk
+    for batch in file.iter_batches(batch_size=rows_per_batch(path), columns=columns):
         yield offset, batch
         offset += batch.num_rows
 

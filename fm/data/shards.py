@@ -96,32 +96,33 @@ PLAN_KEYS = {"text": ("id", "source_file", "position"), "code": ("id", "source_f
              "triples": ("subject", "lang", "source", "relation", "object", "id")}
 
 
-def stream_plan(modality: str, keys: pa.Table, cfg: ShardConfig) -> tuple[np.ndarray, np.ndarray]:
-    """(rows, doc): for each position of the modality's token stream, the row of `keys` it holds and that
-    row's document ordinal. keys: the PLAN_KEYS columns of the curated rows, in file order (a few small
-    columns: the order is planned on them alone, and the rows themselves are streamed in it afterwards).
+def key_ranks(values: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """(N,) uint32: each value's dense rank among the column's values (equal values share a rank, nulls rank
+    last), so comparing ranks orders and groups rows as comparing the values would, at 4 bytes a row."""
+    return pc.rank(values, sort_keys="ascending", tiebreaker="dense").to_numpy().astype(np.uint32)
+
+
+def stream_plan(modality: str, ranks: dict[str, np.ndarray], cfg: ShardConfig) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, doc): for each position of the modality's token stream, the row it holds (an index into the rank
+    arrays) and that row's document ordinal. ranks: key_ranks of each PLAN_KEYS column of the rows, in file
+    order (the order is planned on these alone, 4 bytes a key; the rows themselves are streamed in it afterwards).
 
     The order depends only on the content and `cfg.seed`: rows are sorted by id first (triples: by subject,
     lang, source, relation, object, id), so the curated file's row order does not matter.
     """
     rng = np.random.default_rng([cfg.seed, MODALITIES.index(modality)])  # one stream per modality
-    sort_keys = [(c, "ascending") for c in PLAN_KEYS[modality]]
-    order = pc.sort_indices(keys, sort_keys=sort_keys).to_numpy()  # (N,) file rows in sorted order
+    order = np.lexsort([ranks[c] for c in reversed(PLAN_KEYS[modality])])  # (N,) rows in key order (stable)
     if modality != "triples":
         return order[rng.permutation(len(order))], np.arange(len(order), dtype=np.int64)
 
     # Triples: a document is a paragraph of facts about one subject, in one language, from one source, of at
     # most triples_per_document facts (a subject's run of facts is cut every triples_per_document rows).
-    group = keys.take(pa.array(order)).select(["subject", "lang", "source"])
-    n = group.num_rows
+    n = len(order)
     starts_group = np.zeros(n, bool)  # (N,) first row of a (subject, lang, source) run in sorted order
     starts_group[:1] = True
-    if n > 1:
-        for column in group.columns:
-            values = column.combine_chunks()
-            if values.null_count:  # null as a value of its own, as the sort placed them
-                values = pc.fill_null(values.cast(pa.string()), "\x00")
-            starts_group[1:] |= pc.not_equal(values.slice(1), values.slice(0, n - 1)).to_numpy(zero_copy_only=False)
+    for column in ("subject", "lang", "source"):
+        in_order = ranks[column][order]
+        starts_group[1:] |= in_order[1:] != in_order[:-1]
     rows = np.arange(n)
     group_start = np.maximum.accumulate(np.where(starts_group, rows, 0))  # (N,) row where each row's run began
     paragraph = np.cumsum(starts_group | ((rows - group_start) % cfg.triples_per_document == 0)) - 1  # (N,)
@@ -136,7 +137,7 @@ def stream_plan(modality: str, keys: pa.Table, cfg: ShardConfig) -> tuple[np.nda
 def stream_order(modality: str, table: pa.Table, cfg: ShardConfig) -> tuple[pa.Table, pa.Table]:
     """(rows, docs) of a whole table in memory: the rows in token-stream order with a `doc` column, and one
     row per token document (doc, text, source, lang). The stage streams the same order (ordered_batches)."""
-    rows_at, doc = stream_plan(modality, table.select(list(PLAN_KEYS[modality])), cfg)
+    rows_at, doc = stream_plan(modality, {c: key_ranks(table[c]) for c in PLAN_KEYS[modality]}, cfg)
     rows = _filled(table.take(pa.array(rows_at))).append_column("doc", pa.array(doc, pa.int64()))
     builder = DocumentBuilder(modality)
     docs = list(builder.add(rows)) + list(builder.finish())
@@ -486,15 +487,16 @@ def write_shards(cfg: ShardConfig, paths: Paths) -> dict:
             Progress(TextColumn("[bold]shard[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
                      TextColumn("rows"), TimeRemainingColumn(), console=console) as progress:
         for modality, path in tables:
-            keys = pq.read_table(path, columns=list(dict.fromkeys(
-                PLAN_KEYS[modality] + (("subject", "relation", "lang") if modality == "triples" else ()))))
-            keep = np.ones(keys.num_rows, bool)
+            keep = np.ones(n_rows[modality], bool)
             if modality == "triples" and withheld:
-                keep = ~withheld_mask(keys, withheld)
+                keep = np.concatenate([~withheld_mask(batch, withheld) for batch in pq.ParquetFile(
+                    path, pre_buffer=False).iter_batches(columns=["subject", "relation", "lang"])] or [keep])
                 dropped = int((~keep).sum())
             kept_rows = np.flatnonzero(keep)  # (K,) file rows that go into the stream
-            plan_rows, doc = stream_plan(modality, keys.select(list(PLAN_KEYS[modality])).take(pa.array(kept_rows)), cfg)
-            del keys
+            # One key column in memory at a time, ranked (4 bytes a row): a corpus's key strings never are.
+            ranks = {c: key_ranks(pq.read_table(path, columns=[c])[c])[kept_rows] for c in PLAN_KEYS[modality]}
+            plan_rows, doc = stream_plan(modality, ranks, cfg)
+            del ranks
             schema = pq.read_schema(path)
             task = progress.add_task(modality, total=len(plan_rows))
             writer = TokenShardWriter(tmp, modality, cfg.tokens_per_shard, dtype)
