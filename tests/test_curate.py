@@ -165,6 +165,25 @@ def test_two_processes_give_the_same_result_as_one(monkeypatch):
     assert one == two and len(one) == 30
 
 
+def test_only_the_screened_candidates_shingles_are_read_and_nothing_changes(monkeypatch):
+    """Shingle sets are made only for candidates some pair of which passes the MinHash screen; a bucket too big to
+    screen pair by pair gives all its members theirs. Neither may change what is found."""
+    rng = random.Random(6)
+    bases = [" ".join(words(rng, 200)) for _ in range(40)]
+    others = [" ".join(words(rng, 200)) for _ in range(150)]  # each with a copy at Jaccard ~0.5: some collide in
+    texts = bases + [replace_words(b, rng, 2) for b in bases] + others + [replace_words(b, rng, 14) for b in others]
+    made = []  # a band (candidates), few pass the screen
+    real = curate_module.shingle_sets
+    monkeypatch.setattr(curate_module, "shingle_sets", lambda t, k: made.append(len(t)) or real(t, k))
+    screened = find_near_duplicates(texts, CFG, processes=1)
+    assert sorted(screened) == list(range(40, 80))
+    assert sum(made) == 88  # the 80 near-copies, and the candidates of 4 pairs near 0.5 the estimate let through
+    made.clear()
+    monkeypatch.setattr(curate_module, "_BIG_BUCKET", 1)  # every bucket "big": no pair screened
+    assert find_near_duplicates(texts, CFG, processes=1) == screened
+    assert sum(made) == 122  # every candidate
+
+
 # --- quality filters ---------------------------------------------------------------------------
 
 

@@ -189,21 +189,22 @@ def _band_keys(signatures: np.ndarray, num_bands: int) -> np.ndarray:
     return _mix64((bands * weights).sum(axis=2, dtype=np.uint64))  # wrapping sum, (n, B)
 
 
-def _text_chunks(texts, cfg: CurateConfig):
-    """MinHash jobs of about _CHUNK_CHARS characters each from an iterable of texts."""
+def _text_chunks(texts, cfg: CurateConfig, max_chars: int = _CHUNK_CHARS):
+    """MinHash jobs of about max_chars characters each from an iterable of texts."""
     chunk, chars = [], 0
     for text in texts:
         chunk.append(text)
         chars += len(text)
-        if chars >= _CHUNK_CHARS:
+        if chars >= max_chars:
             yield (chunk, cfg.shingle_size, cfg.num_perm, cfg.seed)
             chunk, chars = [], 0
     if chunk:
         yield (chunk, cfg.shingle_size, cfg.num_perm, cfg.seed)
 
 
-def lsh_keys(texts, cfg: CurateConfig, total_chars: int, processes: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(band keys (n, num_bands) uint64, has_shingles (n,) bool) of an iterable of texts, read once.
+def lsh_keys(texts, cfg: CurateConfig, total_chars: int, processes: int | None = None, *, count: int
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """(band keys (count, num_bands) uint64, has_shingles (count,) bool) of an iterable of `count` texts, read once.
 
     Signatures are computed over chunks of documents, in `processes` worker processes (default: all usable
     cores when total_chars is large, else this process alone), a few chunks at a time so that only those are
@@ -211,11 +212,15 @@ def lsh_keys(texts, cfg: CurateConfig, total_chars: int, processes: int | None =
     and cfg, never on the number of processes."""
     large = total_chars >= _LARGE_INPUT_CHARS
     processes = processes or (len(os.sched_getaffinity(0)) if large else 1)
-    keys, has_shingles = [], []
+    keys = np.zeros((count, cfg.num_bands), np.uint64)  # filled in place: no second copy to concatenate
+    has_shingles = np.zeros(count, bool)
+    done = 0
 
     def take(chunk, signatures):
-        keys.append(_band_keys(signatures, cfg.num_bands))
-        has_shingles.append(np.array([bool(t.strip()) for t in chunk[0]], dtype=bool))
+        nonlocal done
+        keys[done:done + len(signatures)] = _band_keys(signatures, cfg.num_bands)
+        has_shingles[done:done + len(signatures)] = [bool(t.strip()) for t in chunk[0]]
+        done += len(signatures)
 
     columns = (TextColumn("minhash"), BarColumn(), MofNCompleteColumn(), TextColumn("chunks"), TimeRemainingColumn())
     with Progress(*columns, transient=True, disable=not large) as bar:
@@ -235,17 +240,48 @@ def lsh_keys(texts, cfg: CurateConfig, total_chars: int, processes: int | None =
             for chunk in chunks:
                 take(chunk, _signatures(chunk))
                 bar.advance(task)
-    if not keys:
-        return np.zeros((0, cfg.num_bands), np.uint64), np.zeros(0, bool)
-    return np.concatenate(keys), np.concatenate(has_shingles)
+    if done != count:
+        raise ValueError(f"lsh_keys: {done} texts, {count} announced")
+    return keys, has_shingles
+
+
+SCREEN_MARGIN = 0.2  # the MinHash estimate screens pairs at jaccard_threshold - 0.2 (over 4 standard deviations)
+_BIG_BUCKET = 256  # a bucket of more documents than this needs every member's shingles (its pairs are not screened)
+
+
+def _screened(keys: np.ndarray, shared: np.ndarray, signatures: np.ndarray, screen: float) -> np.ndarray:
+    """(C,) bool: the candidates whose MinHash estimate with another candidate of a shared bucket reaches `screen`,
+    i.e. every document the exact check can ever be asked about (it compares only such pairs). Every pair of a
+    bucket is screened, offset by offset in the bucket's order, vectorized (memory C x num_perm bytes a step)."""
+    c, num_bands = keys.shape
+    needs = np.zeros(c, bool)
+    for b in range(num_bands):
+        members = np.flatnonzero(shared[:, b])
+        if members.size == 0:
+            continue
+        order = members[np.argsort(keys[members, b], kind="stable")]  # (M,) a bucket's members side by side
+        bucket = keys[order, b]
+        starts = np.flatnonzero(np.r_[True, bucket[1:] != bucket[:-1]])
+        sizes = np.diff(np.r_[starts, len(order)])
+        big = np.repeat(sizes > _BIG_BUCKET, sizes)  # (M,)
+        needs[order[big]] = True
+        for d in range(1, min(int(sizes.max()), _BIG_BUCKET + 1)):
+            pairs = np.flatnonzero((bucket[:-d] == bucket[d:]) & ~big[:-d])  # t and t + d share a bucket
+            if pairs.size == 0:
+                break
+            a, z = order[pairs], order[pairs + d]
+            close = (signatures[a] == signatures[z]).mean(axis=1) >= screen
+            needs[a[close]] = needs[z[close]] = True
+    return needs
 
 
 def near_duplicates_from_keys(keys: np.ndarray, has_shingles: np.ndarray, fetch, cfg: CurateConfig
                               ) -> dict[int, tuple[int, float]]:
     """The LSH + exact-confirmation rule of find_near_duplicates on precomputed band keys: only documents that
     share a band with another one are candidates, and only their texts are read (fetch(indices) -> an iterable of
-    their texts, in order), a chunk at a time, for their signatures (the estimate that screens) and shingle sets
-    (the exact Jaccard); the texts themselves are not kept."""
+    their texts, in order), a chunk at a time: once for their signatures (the estimate that screens), and once
+    more for the shingle sets (the exact Jaccard) of the candidates some pair of which passes the screen; the
+    texts themselves are not kept. Memory: num_perm x 4 bytes a candidate, plus the screened ones' shingles."""
     n = len(keys)
     shared = np.zeros((n, cfg.num_bands), dtype=bool)  # (n, B) a bucket another document is in too
     for b in range(cfg.num_bands):
@@ -255,12 +291,24 @@ def near_duplicates_from_keys(keys: np.ndarray, has_shingles: np.ndarray, fetch,
     candidates = np.flatnonzero(shared.any(axis=1))
     if candidates.size == 0:
         return {}
+    # In chunks of a quarter of the MinHash jobs' size: numpy's temporaries scale with a chunk (in this process).
+    # The low 16 bits of each MinHash value are kept: equal values stay equal, so an estimate can only rise by
+    # the rare extra match (1 in 65536 a position) and the screen lets through a superset of the pairs it let
+    # through on full values; the exact Jaccard decides, so what is found is the same, at half the memory.
+    signatures = np.zeros((len(candidates), cfg.num_perm), np.uint16)  # (C, P) filled in place
+    done = 0
+    for chunk in _text_chunks(fetch(candidates), cfg, _CHUNK_CHARS // 4):
+        signatures[done:done + len(chunk[0])] = _signatures(chunk).astype(np.uint16)
+        done += len(chunk[0])
+    screen = cfg.jaccard_threshold - SCREEN_MARGIN
+    screened = np.flatnonzero(_screened(keys[candidates], shared[candidates], signatures, screen))
+    shingle_set: list[np.ndarray | None] = [None] * len(candidates)
+    if screened.size:
+        sets = (s for chunk in _text_chunks(fetch(candidates[screened]), cfg, _CHUNK_CHARS // 4)
+                for s in shingle_sets(chunk[0], cfg.shingle_size))
+        for k, shingles in zip(screened.tolist(), sets, strict=True):
+            shingle_set[k] = shingles
     position = {i: k for k, i in enumerate(candidates.tolist())}
-    parts, shingle_set = [], []
-    for chunk in _text_chunks(fetch(candidates), cfg):  # numpy's temporaries scale with a chunk, not the corpus
-        parts.append(_signatures(chunk))
-        shingle_set += shingle_sets(chunk[0], cfg.shingle_size)
-    signatures = np.concatenate(parts)  # (C, num_perm)
 
     # In document order: compare with the kept documents that share a band; keep or remove.
     kept_in_bucket: dict[tuple[int, int], list[int]] = {}
@@ -269,11 +317,10 @@ def near_duplicates_from_keys(keys: np.ndarray, has_shingles: np.ndarray, fetch,
         # only buckets another document shares: a bucket of one can never match (and is not worth keeping)
         buckets = [(b, key) for b, (key, s) in enumerate(zip(row, in_shared)) if s]
         earlier = [position[j] for j in dict.fromkeys(j for bucket in buckets for j in kept_in_bucket.get(bucket, ()))]
-        # Screen with the MinHash estimate first, with a margin of 0.2 (over 4 standard deviations
-        # at 128 permutations), so a large family of similar-but-kept documents stays cheap.
+        # Screen with the MinHash estimate first, so a large family of similar-but-kept documents stays cheap.
         estimates = (signatures[earlier] == signatures[position[i]]).mean(axis=1) if earlier else np.zeros(0)
         best = None
-        for k in np.asarray(earlier, np.int64)[estimates >= cfg.jaccard_threshold - 0.2].tolist():
+        for k in np.asarray(earlier, np.int64)[estimates >= screen].tolist():  # both screened: shingles at hand
             similarity = _jaccard(shingle_set[position[i]], shingle_set[k])
             if similarity >= cfg.jaccard_threshold and (best is None or similarity > best[1]):
                 best = (int(candidates[k]), similarity)
@@ -295,7 +342,7 @@ def find_near_duplicates(
     all usable cores for a large input, else this process alone). The result depends only on
     texts and cfg, never on the number of processes.
     """
-    keys, has_shingles = lsh_keys(texts, cfg, sum(map(len, texts)), processes)
+    keys, has_shingles = lsh_keys(texts, cfg, sum(map(len, texts)), processes, count=len(texts))
     return near_duplicates_from_keys(keys, has_shingles, lambda rows: (texts[i] for i in rows.tolist()), cfg)
 
 
@@ -403,7 +450,7 @@ def curate_removals(path, modality: str, cfg: CurateConfig) -> dict[int, tuple[s
         survivors = np.array([row for row in range(len(ids)) if row not in removals], np.int64)
         texts = (t or "" for offset, batch in _batches(path, ["text"])
                  for row, t in enumerate(batch["text"].to_pylist(), offset) if row not in removals)
-        keys, has_shingles = lsh_keys(texts, cfg, total_chars)
+        keys, has_shingles = lsh_keys(texts, cfg, total_chars, count=len(survivors))
         found = near_duplicates_from_keys(keys, has_shingles, lambda idx: _fetch_texts(path, survivors[idx]), cfg)
         for index, (kept_index, similarity) in found.items():
             removals[int(survivors[index])] = (f"near_duplicate jaccard {similarity:.2f}", int(survivors[kept_index]))
