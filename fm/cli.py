@@ -252,7 +252,10 @@ def registry_cmd(workdir: WorkdirOpt = None) -> None:
     from fm.registry import refresh
 
     ctx = run_context(None, workdir, None, None)
-    built = refresh(ctx.paths)
+    try:
+        built = refresh(ctx.paths)
+    except _user_errors() as e:  # an output it cannot read, named
+        raise fail("registry", e)
     console.print(f"{ctx.paths.duckdb}: rebuilt {', '.join(built) or 'no tables (no outputs yet)'}")
 
 

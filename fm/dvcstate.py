@@ -31,6 +31,8 @@ from fm.paths import Paths
 
 DVC_RAW, DVC_WORKDIR, DVC_PARAMS = "data/01_raw", "data", "params.yaml"
 log = logging.getLogger(__name__)
+RESTORE_LOCK = ("Restore it (`git checkout -- dvc.lock`) or delete it: every stage then counts as stale and is "
+                "recorded again when it runs")
 # DVC serialises on a repo lock file; threads of one process (parallel DAG branches) take turns here.
 _dvc_mutex = threading.RLock()
 
@@ -114,6 +116,8 @@ def _dvc_at(root: Path):
     working directory, so a served run (or one started elsewhere) would be "outside the repo".
     Stage code never depends on the working directory (flows pass absolute paths), so changing it
     for the length of one DVC call under the mutex is safe."""
+    from dvc.exceptions import DvcException
+
     with _dvc_mutex:
         before = os.getcwd()
         if Path(before).resolve() != root:
@@ -121,6 +125,15 @@ def _dvc_at(root: Path):
         try:
             with _repo(root) as repo:
                 yield repo
+        except DvcException as e:  # one line naming the file, not DVC's traceback
+            if "dvc.lock" in str(e):
+                raise ValueError(f"{root / 'dvc.lock'} cannot be read ({e}): it records which stages are up to date. "
+                                 f"{RESTORE_LOCK}") from e
+            raise ValueError(f"DVC failed in {root}: {e}") from e
+        except (NotImplementedError, LookupError, TypeError, AttributeError) as e:
+            # DVC trusts the fields of a lock entry it could parse: one cut inside (`hash: m`) fails deep inside it
+            raise ValueError(f"DVC failed in {root} ({type(e).__name__}: {e}): if {root / 'dvc.lock'} is damaged, "
+                             f"{RESTORE_LOCK[0].lower()}{RESTORE_LOCK[1:]}") from e
         finally:
             os.chdir(before)
 
@@ -151,6 +164,16 @@ def stage_is_current(ctx: RunContext, name: str) -> bool:
         return False
     with _dvc_at(ctx.root) as repo:
         return not repo.status(targets=[_target(ctx.root, name)])
+
+
+def check_lock(ctx: RunContext, name: str) -> None:
+    """For a stage that will be recorded: a ValueError naming dvc.lock now if DVC cannot read it, rather than
+    once the stage has done its work (a damaged lock never lets a stage pass for up to date either)."""
+    if ctx.tracked(name)[0]:
+        from dvc.dvcfile import Lockfile
+
+        with _dvc_at(ctx.root) as repo:
+            Lockfile(repo, str(ctx.root / "dvc.lock")).load()
 
 
 def record_stage(ctx: RunContext, name: str) -> tuple[bool, str]:

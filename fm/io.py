@@ -26,6 +26,12 @@ def _tmp_name(path: Path) -> Path:
     return path.with_name(f".tmp-{uuid.uuid4().hex[:8]}-{path.name}")
 
 
+def _name_output(e: OSError, path: Path) -> None:
+    """pyarrow's and numpy's write errors (a full disk) name no file: name the output being written."""
+    if e.strerror and not e.filename:  # an OSError("message") keeps its message as it is
+        e.filename = str(path)
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it onto `path` when the block succeeds."""
@@ -35,6 +41,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp
         os.replace(tmp, path)
+    except OSError as e:
+        _name_output(e, path)
+        raise
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -56,6 +65,9 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(old)
         else:
             os.replace(tmp, path)
+    except OSError as e:
+        _name_output(e, path)
+        raise
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)

@@ -16,6 +16,10 @@ It is derived, never a source of truth, so no stage owns it as a DVC output:
   `content_hash`, null when missing}), so two runs of a stage show what changed (`fm runs --stages ID`);
 - `run_metrics`: the metric rows of each run in which a stage with `run_metrics` (evaluate) ran, under
   the run's id (`fm runs`, `fm compare RUN_A RUN_B`).
+
+Being derived, a damaged registry (cut short, overwritten, failing DuckDB's block checksums) never stops a
+run: it is set aside as `fm.duckdb.damaged-<time>` with a note on stderr, and a new one starts with its
+product tables rebuilt from the outputs (the old run history stays in the set-aside file).
 """
 
 from __future__ import annotations
@@ -24,10 +28,11 @@ import dataclasses
 import hashlib
 import json
 import os
+import sys
 import threading
 import time
-from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable
 
 from fm.io import sha256_file
 from fm.paths import Paths
@@ -53,25 +58,59 @@ create table if not exists run_metrics (
 )"""
 
 
-def _connect(paths: Paths):
+# What DuckDB says of a registry file cut short, overwritten or failing its block checksums (found on opening
+# it, reading a block or writing a checkpoint). A lock held by another process or a permission problem is not damage.
+DAMAGED = ("not a valid DuckDB database", "Corrupt database file", "Could not read enough bytes from file")
+
+
+def _damaged(e: BaseException, paths: Paths) -> bool:
     import duckdb
 
-    paths.workdir.mkdir(parents=True, exist_ok=True)
-    return duckdb.connect(str(paths.duckdb))
+    text = str(e)
+    return isinstance(e, duckdb.Error) and any(s in text for s in DAMAGED) and (
+        "Could not read enough bytes" not in text or paths.duckdb.name in text)
 
 
-@contextmanager
-def _open(paths: Paths, must_exist: bool = False):
-    """The registry's connection, its tables ensured, held under the process's writer lock."""
+def _set_aside(paths: Paths, e: BaseException) -> Path:
+    """Move a damaged registry (and its write-ahead log) out of the way, saying where it went."""
+    stamp, n = time.strftime("%Y%m%d-%H%M%S"), 1
+    while (aside := paths.duckdb.with_name(f"{paths.duckdb.name}.damaged-{stamp}" + (f"-{n}" if n > 1 else ""))).exists():
+        n += 1  # an earlier one set aside this second is kept too
+    os.replace(paths.duckdb, aside)
+    wal = paths.duckdb.with_name(paths.duckdb.name + ".wal")
+    if wal.exists():  # DuckDB would replay the damaged file's log into the new one
+        os.replace(wal, aside.with_name(aside.name + ".wal"))
+    print(f"fm: {paths.duckdb} is damaged ({str(e).splitlines()[0]}): set aside as {aside}; a new registry starts, "
+          f"its tables rebuilt from the stage outputs (the run history stays in the old file)", file=sys.stderr)
+    return aside
+
+
+def _with_registry(paths: Paths, work: Callable, must_exist: bool = False):
+    """work(con) on the registry, its tables ensured, under the process's writer lock. The registry is derived,
+    so a damaged file never stops a run: it is set aside and work runs again on a new registry whose product
+    tables are rebuilt from the stage outputs."""
+    import duckdb
+
     if must_exist and not paths.duckdb.is_file():
         raise ValueError(f"{paths.duckdb} not found: no run has been recorded in this work dir")
+    paths.workdir.mkdir(parents=True, exist_ok=True)
     with _mutex:
-        con = _connect(paths)
-        try:
-            _ensure_tables(con)
-            yield con
-        finally:
-            con.close()
+        for again in (False, True):
+            try:
+                con = duckdb.connect(str(paths.duckdb))
+                try:
+                    _ensure_tables(con)
+                    if again:
+                        _build_tables(con, paths, None, notes=True)
+                    result = work(con)
+                    con.execute("checkpoint")  # into the file now: closing would swallow a failure to write it
+                    return result
+                finally:
+                    con.close()
+            except duckdb.Error as e:
+                if again or not _damaged(e, paths):
+                    raise
+                _set_aside(paths, e)
 
 
 def _file_hash(path: str) -> str:
@@ -146,27 +185,42 @@ def _shard_catalog(path: Path):
 
 def refresh(paths: Paths, stages: list[str] | None = None) -> list[str]:
     """(Re)build the product tables of `stages` (all by default) from their files; returns the tables built."""
+    return _with_registry(paths, lambda con: _build_tables(con, paths, stages))
+
+
+def _build_tables(con, paths: Paths, stages: list[str] | None, notes: bool = False) -> list[str]:
+    """The product tables of `stages` from their files; a file that cannot be read is a ValueError naming it
+    (with `notes`, a line on stderr instead: rebuilding a set-aside registry skips it)."""
+    import duckdb
+
     from fm.stages import STAGES, resolve
 
     built = []
-    with _mutex:
-        con = _connect(paths)
-        try:
-            for name in stages or list(STAGES):
-                for table, rel in STAGES[name].tables.items():
-                    path = resolve(rel, paths)
-                    if not path.is_file():
-                        continue
-                    if path.name == "manifest.json":
-                        con.register("manifest_rows", _shard_catalog(path))
-                        con.execute(f"create or replace table {table} as select * from manifest_rows")
-                        con.unregister("manifest_rows")
-                    else:
-                        reader = "read_parquet" if path.suffix == ".parquet" else "read_csv_auto"
+    for name in stages or list(STAGES):
+        for table, rel in STAGES[name].tables.items():
+            path = resolve(rel, paths)
+            if not path.is_file():
+                continue
+            try:
+                if path.name == "manifest.json":
+                    con.register("manifest_rows", _shard_catalog(path))
+                    con.execute(f"create or replace table {table} as select * from manifest_rows")
+                    con.unregister("manifest_rows")
+                else:
+                    reader = "read_parquet" if path.suffix == ".parquet" else "read_csv_auto"
+                    try:
                         con.execute(f"create or replace table {table} as select * from {reader}(?)", [str(path)])
-                    built.append(table)
-        finally:
-            con.close()
+                    except duckdb.Error as e:
+                        if _damaged(e, paths):
+                            raise
+                        raise ValueError(f"{path} cannot be read into the registry's {table} table "
+                                         f"({str(e).splitlines()[0]}): rerun `fm {name}`") from None
+            except ValueError as e:
+                if not notes:
+                    raise
+                print(f"fm: registry table {table} not rebuilt: {e}", file=sys.stderr)
+                continue
+            built.append(table)
     return built
 
 
@@ -189,7 +243,8 @@ def log_run(paths: Paths, stage: str, status: str, started: float, recorded: boo
     if status == "ran" and stage in STAGES:  # hashed outside the lock: parallel branches need not wait on it
         inputs, outputs = (json.dumps(h) for h in stage_hashes(paths, stage))
     params_json = None if params is None else json.dumps(params, default=str, ensure_ascii=False)
-    with _open(paths) as con:
+
+    def insert(con) -> None:
         con.execute("insert into stage_runs (stage, status, started, seconds, recorded_in_dvc, note, overrides, "
                     "summary, run_id, params, inputs, outputs) values (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     [stage, status, started, seconds, recorded, note, json.dumps(list(overrides)),
@@ -201,20 +256,21 @@ def log_run(paths: Paths, stage: str, status: str, started: float, recorded: boo
                         "try_cast(baseline as double) from read_csv(?, all_varchar = true)",
                         [run_id, stage, str(resolve(metrics, paths))])
 
+    _with_registry(paths, insert)
+
 
 def list_runs(paths: Paths, limit: int = 20) -> list[dict]:
     """The latest runs, newest first: run id, start, seconds, stages ran / skipped / failed, metric rows."""
     if not paths.duckdb.is_file():
         return []
-    with _open(paths) as con:
-        rows = con.execute("""
+    rows = _with_registry(paths, lambda con: con.execute("""
             select r.run_id, min(r.started) as started, max(r.started + r.seconds) - min(r.started) as seconds,
                    count(*) filter (where r.status = 'ran') as ran,
                    count(*) filter (where r.status = 'skipped') as skipped,
                    count(*) filter (where r.status = 'failed') as failed,
                    (select count(*) from run_metrics m where m.run_id = r.run_id) as metrics
             from stage_runs r where coalesce(r.run_id, '') <> ''
-            group by r.run_id order by started desc limit ?""", [int(limit)]).fetchall()
+            group by r.run_id order by started desc limit ?""", [int(limit)]).fetchall())
     keys = ("run_id", "started", "seconds", "ran", "skipped", "failed", "metrics")
     return [dict(zip(keys, row)) for row in rows]
 
@@ -245,10 +301,12 @@ def _resolve_run(con, ref: str, with_metrics: bool = True) -> str:
 def run_stages(paths: Paths, ref: str) -> list[dict]:
     """The stage rows of one run (a full id, a unique prefix, `latest` or `latest~N`), in the order they
     started, with params, inputs and outputs decoded from JSON (None where not recorded)."""
-    with _open(paths, must_exist=True) as con:
+    def select(con) -> list[tuple]:
         run_id = _resolve_run(con, ref, with_metrics=False)
-        rows = con.execute("select run_id, stage, status, started, seconds, recorded_in_dvc, note, params, inputs, "
+        return con.execute("select run_id, stage, status, started, seconds, recorded_in_dvc, note, params, inputs, "
                            "outputs from stage_runs where run_id = ? order by started, rowid", [run_id]).fetchall()
+
+    rows = _with_registry(paths, select, must_exist=True)
     keys = ("run_id", "stage", "status", "started", "seconds", "recorded", "note", "params", "inputs", "outputs")
     decoded = lambda v: None if v is None else json.loads(v)  # noqa: E731
     return [{**dict(zip(keys, row)), **{k: decoded(v) for k, v in zip(keys[7:], row[7:])}} for row in rows]
@@ -256,14 +314,16 @@ def run_stages(paths: Paths, ref: str) -> list[dict]:
 
 def compare_runs(paths: Paths, a: str, b: str) -> tuple[str, str, list[dict]]:
     """(run a, run b, rows): every metric of either run's evaluation, its two values and b - a."""
-    with _open(paths, must_exist=True) as con:
+    def select(con) -> tuple[str, str, list[tuple]]:
         run_a, run_b = _resolve_run(con, a), _resolve_run(con, b)
-        rows = con.execute("""
+        return run_a, run_b, con.execute("""
             select coalesce(x.model, y.model), coalesce(x.metric, y.metric), coalesce(x.split, y.split),
                    x.value, y.value, y.value - x.value
             from (select * from run_metrics where run_id = ?) x
             full outer join (select * from run_metrics where run_id = ?) y
               on x.model = y.model and x.metric = y.metric and x.split = y.split
             order by 1, 2, 3""", [run_a, run_b]).fetchall()
+
+    run_a, run_b, rows = _with_registry(paths, select, must_exist=True)
     keys = ("model", "metric", "split", "a", "b", "diff")
     return run_a, run_b, [dict(zip(keys, row)) for row in rows]

@@ -9,6 +9,7 @@ import dataclasses
 
 import json
 import os
+import random
 import re
 import shutil
 import subprocess
@@ -174,6 +175,41 @@ def assert_summary_printed_published_and_batch_size_free(project: Path, metrics:
     _assert_close(_without_seconds(metrics), _without_seconds(other))
 
 
+def assert_a_killed_export_and_evaluate_rerun_to_the_uninterrupted_outputs(project: Path) -> None:
+    """`fm export`, then `fm evaluate`, SIGKILLed at a seeded random point in a copy of the work dir (one of the
+    first changes each makes a random delay, up to its uninterrupted run's length, after writing its marker: see
+    tests/test_kill_stages.py's hook): dead, it leaves its marker, no process, no model file in TMPDIR; `fm <stage>`
+    again says it was interrupted and ends with the uninterrupted run's outputs (export: every file's size and
+    sha256 and the gates; evaluate: metrics.csv, metrics.json but its timings, the model card) and no `.tmp-*`."""
+    from tests.test_kill_stages import SEED, gone, leftovers, reap, run_killed
+
+    wd = project.parent / "killed" / "data"
+    shutil.copytree(project / "data", wd, ignore=shutil.ignore_patterns("fm.duckdb*", ".fm.lock*"))
+    report = json.loads((project / "data" / "07_export" / "report.json").read_text())
+    metrics = json.loads((project / "data" / "08_reports" / "metrics.json").read_text())
+    rng = random.Random(f"{SEED}:export-evaluate")
+    for stage, seconds in (("export", report["seconds"]), ("evaluate", metrics["seconds"])):
+        delay, skip = round(rng.uniform(0, seconds), 2), rng.randrange(8)  # evaluate writes everything at its end
+        argv = [stage, "--raw", str(wd / "01_raw"), "--workdir", str(wd), "--params", str(project / "params.yaml")]
+        folder = project.parent / "killed" / stage
+        pid, code, change = run_killed(argv, wd, folder, delay, skip)
+        where = f"seed {SEED}: fm {stage} killed {delay} s (+{skip} changes) after writing its marker, before {change}"
+        left = gone(pid)
+        reap(left)
+        assert code == -9 and left == [], f"{where}: exit {code}, processes left {left}"
+        assert (wd / f".fm-running-{stage}").is_file(), where
+        stray = [p for p in (folder / "tmp").rglob("*") if p.suffix in (".onnx", ".safetensors", ".data")]
+        assert stray == [], f"{where}: model files left in TMPDIR, where no rerun finds them"
+        result = runner.invoke(app, argv)
+        assert result.exit_code == 0 and f"stage {stage} was interrupted" in result.output, f"{where}\n{result.output}"
+        assert leftovers(wd) == [] and not (wd / f".fm-running-{stage}").exists(), where
+    rerun = json.loads((wd / "07_export" / "report.json").read_text())
+    assert (rerun["files"], rerun["gates"]) == (report["files"], report["gates"])
+    assert _without_seconds(json.loads((wd / "08_reports" / "metrics.json").read_text())) == _without_seconds(metrics)
+    for rel in ("08_reports/metrics.csv", "07_export/MODEL_CARD.md"):
+        assert (wd / rel).read_bytes() == (project / "data" / rel).read_bytes(), rel
+
+
 def test_fm_run_then_each_kind_of_edit_reruns_exactly_the_stale_stages(project):
     started = time.time()
     statuses = fm_run()
@@ -250,6 +286,7 @@ def test_fm_run_then_each_kind_of_edit_reruns_exactly_the_stale_stages(project):
     assert con.execute("select count(distinct run_id) from run_metrics").fetchone()[0] >= 1
     con.close()
     assert_summary_printed_published_and_batch_size_free(project, metrics, started)
+    assert_a_killed_export_and_evaluate_rerun_to_the_uninterrupted_outputs(project)
 
     # export: a broken gate fails the stage and leaves the published export as it was; a tampered file is named
     from fm.config import load_params

@@ -314,17 +314,33 @@ def snapshot(root: Path) -> dict[str, tuple[int, int]]:
 
 
 KILL_SCRIPT = """
-import sys, threading
+import signal, sys, threading
+# A terminal's foreground job has SIGINT at its default. A process started by a job that ignores it (tests run
+# in the background, `pytest &`, from a script) inherits SIG_IGN: then Ctrl-C never reached this process.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from fm.config import PretrainConfig
 from fm.paths import Paths
 from fm.recipes.pretrain import pretrain
 args = (PretrainConfig(**{tiny}), Paths(sys.argv[1], sys.argv[2]))
-if sys.argv[3] == "main":
+
+def stage():
     pretrain(*args)
+    print("the stage returned", flush=True)  # what fm would take as done
+
+if sys.argv[3] == "main":
+    stage()
 else:  # as a Prefect task runs it (fm run): in a worker thread, where Python cannot handle signals
-    worker = threading.Thread(target=pretrain, args=args)
+    failed = []
+    def task():
+        try:
+            stage()
+        except BaseException:
+            failed.append(True)
+            raise
+    worker = threading.Thread(target=task)
     worker.start()
     worker.join()
+    sys.exit(1 if failed else 0)  # a thread's exception alone leaves the exit status 0; fm run fails with its task
 """
 
 
@@ -338,7 +354,7 @@ def test_killing_a_multi_process_pretrain_leaves_nothing_running(sample_shards, 
     endless = {**TINY, "max_steps": 100_000, "ckpt_every": 5, "eval_every": 100_000, "nproc": 2, "batch_size": 2}
     script = KILL_SCRIPT.format(tiny=repr(endless))
     parent = subprocess.Popen([sys.executable, "-c", script, str(paths.raw), str(paths.workdir), thread], cwd=REPO,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     root, run_procs = paths.checkpoints / "pretrain", {}
     try:
         deadline = time.monotonic() + 180
@@ -358,7 +374,7 @@ def test_killing_a_multi_process_pretrain_leaves_nothing_running(sample_shards, 
         else:
             os.kill(parent.pid, getattr(signal, kill))
         parent.wait(timeout=60)
-        assert parent.returncode != 0
+        assert parent.returncode != 0 and "the stage returned" not in parent.stdout.read(), parent.stderr.read()[-3000:]
         deadline = time.monotonic() + 45
         while [p for p, start in run_procs.items() if alive(p, start)] and time.monotonic() < deadline:
             time.sleep(0.1)

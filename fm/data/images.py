@@ -81,7 +81,7 @@ def _is_heldout(key: str, fraction: float, seed: int) -> bool:
 
 def _decode(png: bytes, size: int, where: str) -> np.ndarray:
     try:
-        with Image.open(io.BytesIO(png)) as im:
+        with Image.open(io.BytesIO(png), formats=("PNG", "JPEG")) as im:  # no other Pillow plugin parses it
             if im.format not in ("PNG", "JPEG"):
                 raise ValueError(f"{im.format} is not PNG or JPEG")
             im = im.convert("RGB")
@@ -147,7 +147,7 @@ def load_image_captions(shard_dir: Path, tokenizer: Tokenizer, context_length: i
 
 
 def row_size(png: bytes) -> int:
-    with Image.open(io.BytesIO(png)) as im:
+    with Image.open(io.BytesIO(png), formats=("PNG", "JPEG")) as im:
         return max(im.size)
 
 

@@ -390,8 +390,26 @@ def ingest_code_file(path: Path, data: bytes | BinaryIO, rel: str, source: str, 
     return _each_line(res, "code", rel, data, cfg, line)
 
 
+IMAGE_FORMATS = ("PNG", "JPEG")  # the only Pillow plugins that ever parse a corpus image (or `fm generate --image`)
+
+
+def image_signature(data: bytes) -> str | None:
+    """The image format whose signature `data` starts with, by Pillow's prefix checks alone (no plugin parses
+    it): names a GIF or a TIFF in its quarantine reason without opening it."""
+    Image.init()
+    for fmt in Image.ID:
+        accept = Image.OPEN[fmt][1]
+        try:
+            if accept is not None and accept(data[:16]):
+                return fmt
+        except Exception:  # noqa: BLE001: a check too short for its format is no match
+            continue
+    return None
+
+
 def load_image(path: Path, cfg: IngestConfig) -> tuple[bytes, bytes, tuple[int, int]]:
-    """Read, check and resize one image -> (file bytes, PNG bytes, (w, h) of the original); Rejected if unusable."""
+    """Read, check and resize one image -> (file bytes, PNG bytes, (w, h) of the original); Rejected if unusable.
+    Only the PNG and JPEG plugins ever see the bytes: the other decoders Pillow carries are more attack surface."""
     size = path.stat().st_size
     if size > cfg.max_image_file_bytes:
         raise Rejected(f"oversized image file: {size} bytes > ingest.max_image_file_bytes={cfg.max_image_file_bytes}")
@@ -399,8 +417,8 @@ def load_image(path: Path, cfg: IngestConfig) -> tuple[bytes, bytes, tuple[int, 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as im:
-                if im.format not in ("PNG", "JPEG"):
+            with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as im:
+                if im.format not in IMAGE_FORMATS:  # MPO: the JPEG plugin's multi-picture files
                     raise Rejected(f"unsupported image format {im.format} (PNG or JPEG expected)")
                 w, h = im.size
                 # Checked on the header, before any pixel is decoded.
@@ -415,6 +433,9 @@ def load_image(path: Path, cfg: IngestConfig) -> tuple[bytes, bytes, tuple[int, 
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise Rejected(f"decompression bomb: {e}") from None
     except Image.UnidentifiedImageError:  # its message names the buffer's address: not the same twice
+        other = image_signature(data)
+        if other is not None and other not in IMAGE_FORMATS:
+            raise Rejected(f"unsupported image format {other} (PNG or JPEG expected)") from None
         raise Rejected("unreadable image: cannot identify image file") from None
     except Exception as e:  # noqa: BLE001: hostile bytes can make a decoder raise anything
         raise Rejected(f"unreadable image: {e}") from None

@@ -192,7 +192,10 @@ def train_tokenizer(cfg: TokenizeConfig, paths: Paths) -> dict:
 
     out = paths.tokens / "tokenizer.json"
     with atomic_path(out) as tmp:
-        tok.save(str(tmp))
+        try:
+            tok.save(str(tmp))
+        except Exception as e:  # tokenizers' I/O error is a bare Exception ("No space left on device (os error 28)")
+            raise OSError(None, str(e), str(out)) from e
 
     # Compression on the training text itself: UTF-8 bytes per token, per modality.
     bytes_per_token = {}

@@ -47,7 +47,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from fm.config import EvaluateConfig
-from fm.io import atomic_dir, write_json
+from fm.io import atomic_dir, sha256_file, write_json
 from fm.paths import Paths
 
 
@@ -71,6 +71,10 @@ def load_models(paths: Paths) -> dict:
         files = json.loads(report_path.read_text())["files"]
         tokenizer_path = export_dir / "hf" / "tokenizer.json"
         tokenizer = open_tokenizer(tokenizer_path) if tokenizer_path.is_file() else None
+        listed = files.get("hf/tokenizer.json", {}).get("sha256")
+        if tokenizer is not None and sha256_file(tokenizer_path) != listed:  # the graphs' ids are this tokenizer's
+            raise ValueError(f"{tokenizer_path} is not the tokenizer {report_path} lists (its sha256 differs): it is "
+                             f"damaged or was changed after export; rerun `fm export`")
         for name, prefix in (("student_int8", ""), ("teacher_int8", "teacher/"), ("pruned_int8", "pruned/")):
             rel = f"{prefix}onnx/prefill.int8.onnx"
             if rel in files and tokenizer is not None:

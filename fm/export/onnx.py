@@ -338,15 +338,20 @@ def open_session(model_bytes: bytes, intra_op_threads: int | None = None):
     return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
 
 
-def load_session(path: str | os.PathLike, sha256: str, intra_op_threads: int | None = None):
-    """An onnxruntime CPU InferenceSession of path, refused (ValueError) unless the file's sha256 is sha256."""
+def read_checked(path: str | os.PathLike, sha256: str) -> bytes:
+    """path's bytes, refused (ValueError) unless their sha256 is sha256: read once, so what is used is what was checked."""
     path = Path(path)
     data = path.read_bytes()
     actual = hashlib.sha256(data).hexdigest()
     if actual != sha256:
         raise ValueError(f"{path} has sha256 {actual}, expected {sha256}: the graph is damaged or was changed "
                          f"after export; export it again")
-    return open_session(data, intra_op_threads)
+    return data
+
+
+def load_session(path: str | os.PathLike, sha256: str, intra_op_threads: int | None = None):
+    """An onnxruntime CPU InferenceSession of path, refused (ValueError) unless the file's sha256 is sha256."""
+    return open_session(read_checked(path, sha256), intra_op_threads)
 
 
 def graph_metadata(session) -> tuple[str, dict]:
@@ -372,7 +377,8 @@ class OnnxLM(nn.Module):
         super().__init__()
         from fm.models.decoder import ModelConfig
 
-        self.session = load_session(prefill_path, sha256, intra_op_threads)
+        data = read_checked(prefill_path, sha256)
+        self.session = open_session(data, intra_op_threads)
         kind, config = graph_metadata(self.session)
         if kind != "prefill":
             raise ValueError(f"{prefill_path} is a {kind} graph; OnnxLM scores with a prefill graph")
@@ -381,7 +387,7 @@ class OnnxLM(nn.Module):
         self.pad_id = pad_id
         import onnx
 
-        graph = onnx.load(str(prefill_path), load_external_data=False).graph
+        graph = onnx.load_model_from_string(data).graph  # the checked bytes, not the file read a second time
         self.per_row = any(node.op_type == "DynamicQuantizeLinear" for node in graph.node)
 
     def forward(self, ids: torch.Tensor, **unused):
@@ -436,7 +442,11 @@ class OnnxGenerator:
         if not report_path.is_file():
             raise FileNotFoundError(f"{report_path} not found: {onnx_dir} is not in an `fm export` folder "
                                     f"(run `fm export`)")
-        files = json.loads(report_path.read_text()).get("files", {})
+        try:
+            files = json.loads(report_path.read_bytes()).get("files", {})
+        except (ValueError, AttributeError) as e:  # not JSON, not UTF-8, not an object
+            raise ValueError(f"{report_path} is not an export report ({e}): it was cut short or overwritten; "
+                             f"rerun `fm export`") from None
         suffix = ".int8.onnx" if int8 else ".onnx"
         paths, shas = [], []
         for graph in ("prefill", "decode"):

@@ -38,7 +38,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -48,7 +47,7 @@ import torch.nn.functional as F
 
 from fm.config import ExportConfig, SftConfig
 from fm.data.loader import TokenLoader
-from fm.io import atomic_dir, sha256_file, write_json
+from fm.io import atomic_dir, scratch_dir, sha256_file, write_json
 from fm.models.decoder import Decoder
 from fm.models.pretrained import load_pretrained
 from fm.paths import Paths
@@ -104,7 +103,7 @@ def export_lm(model: Decoder, dest: Path, evaluation: torch.Tensor, calibration:
     # int8: each method's prefill graph scored against fp32 on the same windows; the best is kept.
     methods = ("dynamic", "static") if cfg.int8 == "auto" else (cfg.int8,)
     candidates = {}
-    with tempfile.TemporaryDirectory(prefix="fm-int8-") as scratch:
+    with scratch_dir(dest, "int8") as scratch:  # in the work dir: a killed run's candidates are found and removed
         for method in methods:
             path = Path(scratch) / f"prefill.{method}.onnx"
             calib = [{"ids": calibration.numpy().astype(np.int64)}] if method == "static" else None

@@ -82,6 +82,13 @@ def latest_checkpoint(root: Path) -> Path | None:
 def checkpoint_problem(path: Path) -> str | None:
     """What is wrong with a checkpoint folder ("train_state.json is missing", "__0_0.distcp does not match its
     sha256", ...), or None when every file matches its checksums.json (or it predates checksums)."""
+    # DCP unpickles .metadata: only a folder this run wrote is ever loaded, never a link to one from elsewhere
+    # (its checksums.json would vouch for it: it comes with the folder).
+    if path.is_symlink():
+        return f"the folder is a symbolic link to {os.readlink(path)}, not one this run wrote"
+    links = sorted(p.name for p in path.iterdir() if p.is_symlink()) if path.is_dir() else []
+    if links:
+        return f"{links[0]} is a symbolic link, not a file this run wrote"
     try:
         state = json.loads((path / "train_state.json").read_text())
     except FileNotFoundError:

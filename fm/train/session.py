@@ -32,6 +32,7 @@ from pathlib import Path
 
 from torch import nn
 
+from fm.io import atomic_path
 from fm.train.checkpoint import (load_checkpoint, load_rng_state, newest_intact_checkpoint, save_checkpoint, seed_rng,
                                  set_aside)
 from fm.train.parallel import Dist, broadcast_object
@@ -65,11 +66,13 @@ def plan_start(saved: dict | None, identity: dict, schedule: dict, fresh: bool =
 
 
 def truncate_metrics(path: Path, step: int) -> None:
-    """Keep metric lines up to `step`: a resumed run rewrites what came after its checkpoint."""
+    """Keep metric lines up to `step`: a resumed run rewrites what came after its checkpoint. The log is replaced
+    whole (atomic_path): a run killed while rewriting it leaves the old log, not a cut one no resume can read."""
     if not path.exists():
         return
     keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in keep))
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(line + "\n" for line in keep))
 
 
 class TrainingSession:
