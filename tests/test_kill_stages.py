@@ -32,6 +32,7 @@ import pytest
 import yaml
 
 from fm.stages import STAGES
+from tests._zygote import Zygote
 from tests.conftest import REPO, make_good_corpus
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="forks, and reads /proc")
@@ -125,78 +126,11 @@ def pool_kill(log, at):
     multiprocessing.pool.Pool.map = map_
 '''
 
-ZYGOTE = '''
-"""Imports fm once, then forks one `fm` command per request (JSON lines on stdin; replies on stdout)."""
-import json, os, resource, signal, sys, traceback
-import fm.cli, fm.lock, fm.registry, fm.runner, duckdb
+PRELOAD = """
 import great_expectations  # what validate imports: a fork need not import it again
 from fm.data.ingest import detect_lang
 detect_lang("a sentence loads the language model")  # likewise ingest's fastText model
-
-for line in sys.stdin:
-    request = json.loads(line)
-    if request["op"] == "wait":
-        _, status = os.waitpid(request["pid"], 0)
-        print(json.dumps({"exit": os.waitstatus_to_exitcode(status)}), flush=True)
-        continue
-    pid = os.fork()
-    if pid:
-        print(json.dumps({"pid": pid}), flush=True)
-        continue
-    code = 1
-    try:
-        os.setsid()  # a session of its own, as a terminal starts a command
-        log = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        os.dup2(log, 1)
-        os.dup2(log, 2)
-        os.chdir(request["cwd"])
-        os.environ.update(request["env"])
-        import tempfile
-        tempfile.tempdir = None  # TMPDIR as the request gives it, not as the zygote found it
-        if request["fsize"]:  # a file-size limit: a write past it fails with EFBIG (SIGXFSZ would kill)
-            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-            resource.setrlimit(resource.RLIMIT_FSIZE, (request["fsize"], request["fsize"]))
-        if request["env"].get("FM_HOOK_LOG"):
-            sys.path.insert(0, request["hook"])
-            import kill_hook
-            kill_hook.install()
-        fm.cli.app(args=request["argv"], prog_name="fm")
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else int(e.code is not None)
-    except BaseException:
-        traceback.print_exc()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-'''
-
-
-class Zygote:
-    """A process that has imported fm and forks `fm` commands on request: each run costs its work, not the imports."""
-
-    def __init__(self, folder: Path):
-        self.folder = folder
-        (folder / "hook").mkdir()
-        (folder / "hook" / "kill_hook.py").write_text(HOOK)
-        self.proc = subprocess.Popen([sys.executable, "-c", ZYGOTE], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=open(folder / "zygote.log", "w"), text=True, cwd=folder)
-
-    def _ask(self, request: dict) -> dict:
-        self.proc.stdin.write(json.dumps(request) + "\n")
-        self.proc.stdin.flush()
-        reply = self.proc.stdout.readline()
-        assert reply, f"the zygote died: {(self.folder / 'zygote.log').read_text()[-3000:]}"
-        return json.loads(reply)
-
-    def run(self, argv: list[str], log: Path, env: dict[str, str] | None = None, fsize: int = 0) -> tuple[int, int]:
-        """Run `fm argv` in a forked process: (its pid, its exit code, -9 when SIGKILLed)."""
-        pid = self._ask({"op": "start", "argv": argv, "log": str(log), "cwd": str(self.folder), "env": env or {},
-                         "hook": str(self.folder / "hook"), "fsize": fsize})["pid"]
-        return pid, self._ask({"op": "wait", "pid": pid})["exit"]
-
-    def close(self) -> None:
-        self.proc.kill()  # it only waits for requests; its interpreter's shutdown would cost seconds
-        self.proc.wait()
+"""
 
 
 def make_corpus(raw: Path) -> Path:
@@ -243,7 +177,7 @@ def run_killed(argv: list[str], wd: Path, folder: Path, kill_after: float, skip:
 
 @pytest.fixture(scope="module")
 def zygote(tmp_path_factory):
-    z = Zygote(tmp_path_factory.mktemp("zygote"))
+    z = Zygote(tmp_path_factory.mktemp("zygote"), PRELOAD, "kill_hook", HOOK, hook_env="FM_HOOK_LOG")
     yield z
     z.close()
 

@@ -25,7 +25,6 @@ import json
 import os
 import random
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -35,6 +34,7 @@ import yaml
 
 from fm.data.instructions import build_instructions
 from fm.train.checkpoint import step_dirs
+from tests._zygote import Zygote
 from tests.test_clip_recipe import MODEL as CLIP_MODEL
 from tests.test_clip_recipe import shards  # noqa: F401  (a fixture: sample shards with image-caption pairs)
 from tests.test_trust import alive, descendants
@@ -135,78 +135,13 @@ if os.environ.get("FM_KILL_AT"):
     _install(os.environ["FM_KILL_AT"])
 '''
 
-ZYGOTE = '''
-"""Imports fm once, then forks one `fm` command per request (JSON lines on stdin; replies on stdout)."""
-import json, os, sys, traceback
-import fm.cli, fm.lock, fm.registry, fm.runner, duckdb, torch
-
-torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], foreach=True)  # its first use imports torch._dynamo: once here
-
-for line in sys.stdin:
-    request = json.loads(line)
-    if request["op"] == "wait":
-        _, status = os.waitpid(request["pid"], 0)
-        print(json.dumps({"exit": os.waitstatus_to_exitcode(status)}), flush=True)
-        continue
-    pid = os.fork()
-    if pid:
-        print(json.dumps({"pid": pid}), flush=True)
-        continue
-    code = 1
-    try:
-        os.setsid()  # a session of its own, as a terminal starts a command
-        log = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        os.dup2(log, 1)
-        os.dup2(log, 2)
-        os.chdir(request["cwd"])
-        os.environ.update(request["env"])
-        if request["env"].get("FM_KILL_AT"):
-            sys.path.insert(0, request["hook"])
-            import sitecustomize  # noqa: F401  (what a fresh interpreter, e.g. a torchrun worker, loads by itself)
-        fm.cli.app(args=request["argv"], prog_name="fm")
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else int(e.code is not None)
-    except BaseException:
-        traceback.print_exc()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-os._exit(0)  # stdin closed: no interpreter teardown of torch (seconds)
-'''
-
-
-class Zygote:
-    """A process that has imported fm and forks `fm` commands on request: each run costs its work, not the imports."""
-
-    def __init__(self, folder: Path):
-        self.folder = folder
-        (folder / "hook").mkdir()
-        (folder / "hook" / "sitecustomize.py").write_text(KILL_HOOK)
-        self.proc = subprocess.Popen([sys.executable, "-c", ZYGOTE], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=open(folder / "zygote.log", "w"), text=True, cwd=folder)
-
-    def _ask(self, request: dict) -> dict:
-        self.proc.stdin.write(json.dumps(request) + "\n")
-        self.proc.stdin.flush()
-        reply = self.proc.stdout.readline()
-        assert reply, f"the zygote died: {(self.folder / 'zygote.log').read_text()[-3000:]}"
-        return json.loads(reply)
-
-    def start(self, argv: list[str], log: Path, env: dict[str, str] | None = None) -> int:
-        return self._ask({"op": "start", "argv": argv, "log": str(log), "cwd": str(self.folder), "env": env or {},
-                          "hook": str(self.folder / "hook")})["pid"]
-
-    def wait(self, pid: int) -> int:
-        return self._ask({"op": "wait", "pid": pid})["exit"]
-
-    def close(self) -> None:
-        self.proc.stdin.close()
-        self.proc.wait(timeout=60)
+# its first use imports torch._dynamo: once, in the zygote
+PRELOAD = "import torch\ntorch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], foreach=True)"
 
 
 @pytest.fixture(scope="module")
 def zygote(tmp_path_factory):
-    z = Zygote(tmp_path_factory.mktemp("zygote"))
+    z = Zygote(tmp_path_factory.mktemp("zygote"), PRELOAD, "sitecustomize", KILL_HOOK, hook_env="FM_KILL_AT")
     yield z
     z.close()
 
@@ -324,7 +259,7 @@ def run_and_kill(project: Project, stage: str, wd: Path, point: str, rng: random
     ready, log = project.root / f"{name}.ready", project.root / f"{name}.log"
     ready.mkdir()
     env = {"FM_KILL_AT": point, "FM_KILL_READY": str(ready),
-           "PYTHONPATH": os.pathsep.join([str(project.zygote.folder / "hook"), os.environ.get("PYTHONPATH", "")])}
+           "PYTHONPATH": os.pathsep.join([str(project.zygote.hook_dir), os.environ.get("PYTHONPATH", "")])}
     delay = None
     if point.startswith("free"):
         env["FM_KILL_STEP_S"] = "0.1"  # slow steps, so that the delay below lands anywhere among them
