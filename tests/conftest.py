@@ -20,6 +20,8 @@ os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")  # its shutdown message would hit a closed stdout
 # A project-local Prefect home, so tests never touch ~/.prefect.
 os.environ.setdefault("PREFECT_HOME", str(Path(__file__).resolve().parent.parent / ".prefect"))
+# Prefect's ephemeral API server gets 20 s to start; on a loaded 2-core CI machine that is not always enough.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 EN_DOCS = [
     "The quick brown fox jumps over the lazy dog while the farmer watches from the porch.",
