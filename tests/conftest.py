@@ -175,3 +175,9 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def pytest_collection_modifyitems(config, items):
+    """The whole-pipeline tests are the longest file by far: collected first, one xdist worker (--dist loadfile)
+    starts on them while the other takes the rest, instead of running them alone at the end."""
+    items.sort(key=lambda item: item.nodeid.split("::")[0] != "tests/test_pipeline.py")
