@@ -313,3 +313,35 @@ def test_curate_streams_and_gives_the_same_outputs_in_tiny_batches(corpus, monke
     assert {f.name: pq.read_table(f).to_pylist() for f in sorted(paths.curated.glob("*.parquet"))} == expected
     assert read_quarantine(paths.quarantine).to_pylist() == quarantine
     assert pq.ParquetFile(paths.curated / "text.parquet").metadata.num_row_groups == 8  # one per input row
+
+
+def test_ids_become_keys_that_sort_as_the_strings_and_first_rows_match_a_dict():
+    import numpy as np
+
+    from fm.data.curate import first_of_each_id
+    from fm.data.schema import id_keys
+
+    rng = random.Random(5)
+    distinct = [content_id("text", str(i)) for i in range(300)] + ["0" * 32, "f" * 32, "0" * 31 + "1"]
+    ids = [rng.choice(distinct) for _ in range(1000)]
+    hi, lo = id_keys(pa.chunked_array([ids[:400], ids[400:]]))  # across chunks
+    assert [(int(h) << 64) | int(l) for h, l in zip(hi, lo)] == [int(s, 16) for s in ids]
+    assert [ids[i] for i in np.lexsort((lo, hi))] == sorted(ids)
+    first: dict[str, int] = {}
+    expected = [(row, first.setdefault(s, row)) for row, s in enumerate(ids) if first.setdefault(s, row) != row]
+    assert first_of_each_id(hi, lo) == expected
+    assert first_of_each_id(*id_keys(pa.array([], pa.string()))) == []
+    assert id_keys(pa.array(ids).slice(7, 3))[1].tolist() == [int(s, 16) & (2**64 - 1) for s in ids[7:10]]
+    for bad in ("abc", "A" * 32, "g" * 32, None):
+        with pytest.raises(ValueError, match="not 32 lowercase hex digits"):
+            id_keys(pa.array(ids[:3] + [bad], pa.string()))
+
+
+def test_curate_names_the_file_with_an_id_that_is_not_a_content_id(tmp_path):
+    paths = Paths(tmp_path / "raw", tmp_path / "work")
+    table = make_table("text", [f"document {i} with enough words in it to be kept" for i in range(3)])
+    ids = table["id"].to_pylist()
+    ids[1] = "not-a-content-id"
+    write_validated(paths, {"text": table.set_column(0, "id", pa.array(ids, pa.string()))})
+    with pytest.raises(ValueError, match=r"text\.parquet: id 'not-a-content-id' is not 32 lowercase hex"):
+        curate(CurateConfig(), paths)

@@ -46,7 +46,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from fm.config import CurateConfig
 from fm.data.quarantine import check_counts, read_quarantine, write_quarantine
-from fm.data.schema import MODALITIES, rows_per_batch
+from fm.data.schema import MODALITIES, id_keys, rows_per_batch
 from fm.io import atomic_path, write_parquet
 from fm.paths import Paths
 
@@ -246,6 +246,7 @@ def lsh_keys(texts, cfg: CurateConfig, total_chars: int, processes: int | None =
 
 
 SCREEN_MARGIN = 0.2  # the MinHash estimate screens pairs at jaccard_threshold - 0.2 (over 4 standard deviations)
+_LOOP_SLICE = 4096  # candidates whose band keys are Python ints at once in the keep-or-remove loop
 _BIG_BUCKET = 256  # a bucket of more documents than this needs every member's shingles (its pairs are not screened)
 
 
@@ -308,27 +309,30 @@ def near_duplicates_from_keys(keys: np.ndarray, has_shingles: np.ndarray, fetch,
                 for s in shingle_sets(chunk[0], cfg.shingle_size))
         for k, shingles in zip(screened.tolist(), sets, strict=True):
             shingle_set[k] = shingles
-    position = {i: k for k, i in enumerate(candidates.tolist())}
 
-    # In document order: compare with the kept documents that share a band; keep or remove.
-    kept_in_bucket: dict[tuple[int, int], list[int]] = {}
+    # In document order: compare with the kept documents that share a band; keep or remove. Candidates are
+    # named by their position k in `candidates`; their keys become Python ints a slice at a time.
+    kept_in_bucket: list[dict[int, list[int]]] = [{} for _ in range(cfg.num_bands)]  # per band: key -> kept k
     removed: dict[int, tuple[int, float]] = {}
-    for i, row, in_shared in zip(candidates.tolist(), keys[candidates].tolist(), shared[candidates].tolist()):
-        # only buckets another document shares: a bucket of one can never match (and is not worth keeping)
-        buckets = [(b, key) for b, (key, s) in enumerate(zip(row, in_shared)) if s]
-        earlier = [position[j] for j in dict.fromkeys(j for bucket in buckets for j in kept_in_bucket.get(bucket, ()))]
-        # Screen with the MinHash estimate first, so a large family of similar-but-kept documents stays cheap.
-        estimates = (signatures[earlier] == signatures[position[i]]).mean(axis=1) if earlier else np.zeros(0)
-        best = None
-        for k in np.asarray(earlier, np.int64)[estimates >= screen].tolist():  # both screened: shingles at hand
-            similarity = _jaccard(shingle_set[position[i]], shingle_set[k])
-            if similarity >= cfg.jaccard_threshold and (best is None or similarity > best[1]):
-                best = (int(candidates[k]), similarity)
-        if best is not None:
-            removed[i] = best
-        else:
-            for bucket in buckets:
-                kept_in_bucket.setdefault(bucket, []).append(i)
+    for start in range(0, len(candidates), _LOOP_SLICE):
+        rows = candidates[start:start + _LOOP_SLICE]
+        for k, row, in_shared in zip(itertools.count(start), keys[rows].tolist(), shared[rows].tolist()):
+            # only buckets another document shares: a bucket of one can never match (and is not worth keeping)
+            buckets = [(b, key) for b, (key, s) in enumerate(zip(row, in_shared)) if s]
+            earlier = list(dict.fromkeys(j for b, key in buckets for j in kept_in_bucket[b].get(key, ())))
+            # Screen with the MinHash estimate first, so a large family of similar-but-kept documents stays cheap.
+            estimates = (signatures[earlier] == signatures[k]).mean(axis=1) if earlier else np.zeros(0)
+            best = None
+            for j in np.asarray(earlier, np.int64)[estimates >= screen].tolist():  # both screened: shingles at hand
+                similarity = _jaccard(shingle_set[k], shingle_set[j])
+                if similarity >= cfg.jaccard_threshold and (best is None or similarity > best[1]):
+                    best = (int(candidates[j]), similarity)
+            if best is not None:
+                removed[int(candidates[k])] = best
+                shingle_set[k] = None  # a removed document is never compared with again
+            else:
+                for b, key in buckets:
+                    kept_in_bucket[b].setdefault(key, []).append(k)
     return removed
 
 
@@ -425,6 +429,19 @@ def _fetch_texts(path, rows: np.ndarray):
             cursor = stop
 
 
+def first_of_each_id(hi: np.ndarray, lo: np.ndarray) -> list[tuple[int, int]]:
+    """[(row, the first row with its id)] for every row whose id (the keys of `id_keys`) an earlier row has."""
+    if hi.size == 0:
+        return []
+    order = np.lexsort((lo, hi))  # stable: the rows of one id stay in row order, the first one first
+    h, l = hi[order], lo[order]
+    starts = np.r_[True, (h[1:] != h[:-1]) | (l[1:] != l[:-1])]  # (N,) the first of its id in the sorted order
+    del h, l
+    first = order[np.flatnonzero(starts)[np.cumsum(starts) - 1]]  # (N,) in sorted order
+    later = ~starts
+    return sorted(zip(order[later].tolist(), first[later].tolist()))
+
+
 def curate_removals(path, modality: str, cfg: CurateConfig) -> dict[int, tuple[str, int | None]]:
     """{row: (reason, row it duplicates or None)} for every row of one modality's table to quarantine, read a
     batch at a time: ids (16 bytes a row) for exact duplicates and quality reasons in a first pass, then for
@@ -432,22 +449,23 @@ def curate_removals(path, modality: str, cfg: CurateConfig) -> dict[int, tuple[s
     hi, lo, removals, total_chars = [], [], {}, 0
     filtered = modality in FILTERED_MODALITIES
     for offset, batch in _batches(path, ["id", "text"] if filtered else ["id"]):
-        keys = [int(h, 16) for h in batch["id"].to_pylist()]
-        hi.append(np.array([k >> 64 for k in keys], np.uint64))
-        lo.append(np.array([k & 0xFFFFFFFFFFFFFFFF for k in keys], np.uint64))
+        try:
+            h, l = id_keys(batch["id"])
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
+        hi.append(h)
+        lo.append(l)
         if filtered:
             for row, text in enumerate(batch["text"].to_pylist(), offset):
                 total_chars += len(text or "")
                 if reason := quality_reason(text or "", cfg):
                     removals[row] = (reason, None)
     hi, lo = (np.concatenate(x) if x else np.zeros(0, np.uint64) for x in (hi, lo))
-    ids = np.stack([hi, lo], axis=1).view([("hi", np.uint64), ("lo", np.uint64)])[:, 0]  # (N,) sortable ids
-    _, first, inverse = np.unique(ids, return_index=True, return_inverse=True)
-    first_of = first[inverse.reshape(-1)]  # (N,) the first row with each row's id
-    for row in np.flatnonzero(first_of != np.arange(len(ids))).tolist():  # exact duplicates, whatever their quality
-        removals[row] = ("exact_duplicate", int(first_of[row]))
+    for row, first in first_of_each_id(hi, lo):  # exact duplicates, whatever their quality
+        removals[row] = ("exact_duplicate", first)
     if filtered and cfg.near_dup:
-        survivors = np.array([row for row in range(len(ids)) if row not in removals], np.int64)
+        survivors = np.array([row for row in range(len(hi)) if row not in removals], np.int64)
+        del hi, lo
         texts = (t or "" for offset, batch in _batches(path, ["text"])
                  for row, t in enumerate(batch["text"].to_pylist(), offset) if row not in removals)
         keys, has_shingles = lsh_keys(texts, cfg, total_chars, count=len(survivors))

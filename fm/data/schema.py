@@ -16,9 +16,13 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import re
+import threading
 from contextlib import contextmanager
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 MODALITIES = ("text", "code", "image_text", "triples")
 # The data stages write each modality's table as Parquet row groups of at most this many rows and read
@@ -29,26 +33,46 @@ PARTITION_ROWS = 4096
 _M_MMAP_THRESHOLD = -3  # mallopt's parameter number (glibc malloc.h)
 
 
+_memory_lock = threading.Lock()
+_memory_users = 0  # returned_memory blocks now open, in any thread (fm run runs tokenize and instructions at once)
+_memory_saved_pool: pa.MemoryPool | None = None
+
+
+def _mallopt(parameter: int, value: int) -> None:
+    try:
+        ctypes.CDLL(None).mallopt(parameter, value)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 @contextmanager
 def returned_memory(threshold: int = 1 << 20):
-    """For the block, blocks of `threshold` bytes or more are mmapped, so they go back to the system when freed.
+    """For the block, freed memory goes back to the system instead of staying resident (the data stages, issue 13).
 
-    glibc raises its mmap threshold each time such a block is freed (up to 32 MiB), after which a data stage's
-    large short-lived buffers (a batch's Python strings, Parquet pages) come from the heap and stay resident
-    once freed: at 30x the sample, curate's peak resident set was 13% above its live data for that alone.
-    Afterwards the threshold is left at glibc's 32 MiB maximum, where the dynamic rule would end (training
-    allocates large tensors each step, which should not be mmapped and zeroed anew). No-op without glibc."""
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        mallopt = None
-    if mallopt is not None:
-        mallopt(_M_MMAP_THRESHOLD, threshold)
+    - Arrow allocates from the system allocator, not its default mimalloc pool, which keeps freed pages: at 30x
+      the sample, curate peaked 90-110 MB lower (bench/README.md).
+    - Blocks of `threshold` bytes or more are mmapped. glibc raises its mmap threshold each time such a block is
+      freed (up to 32 MiB), after which a stage's large short-lived buffers (a batch's Python strings, Parquet
+      pages) come from the heap and stay resident once freed: 13% of curate's peak at 30x.
+
+    Both settings are process-wide, so they are counted: set by the first block to open, restored by the last to
+    close, whichever threads they run in. The threshold is then left at glibc's 32 MiB maximum, where the dynamic
+    rule would end (training allocates large tensors each step, which should not be mmapped and zeroed anew)."""
+    global _memory_users, _memory_saved_pool
+    with _memory_lock:
+        if _memory_users == 0:
+            _memory_saved_pool = pa.default_memory_pool()
+            pa.set_memory_pool(pa.system_memory_pool())
+            _mallopt(_M_MMAP_THRESHOLD, threshold)
+        _memory_users += 1
     try:
         yield
     finally:
-        if mallopt is not None:
-            mallopt(_M_MMAP_THRESHOLD, 32 << 20)
+        with _memory_lock:
+            _memory_users -= 1
+            if _memory_users == 0:
+                pa.set_memory_pool(_memory_saved_pool)
+                _mallopt(_M_MMAP_THRESHOLD, 32 << 20)
 
 
 def rows_per_batch(path, max_rows: int = PARTITION_ROWS, max_bytes: int = 16 << 20) -> int:
@@ -113,6 +137,36 @@ def content_id(modality: str, *parts: str | bytes) -> str:
         h.update(b"\x00")
         h.update(part.encode() if isinstance(part, str) else part)
     return h.hexdigest()[:32]
+
+
+_ID = re.compile("[0-9a-f]{32}")
+_HEX_DIGIT = np.full(256, 255, np.uint8)  # byte -> its value as a lowercase hex digit, 255 for anything else
+_HEX_DIGIT[np.frombuffer(b"0123456789abcdef", np.uint8)] = np.arange(16, dtype=np.uint8)
+
+
+def id_keys(ids: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
+    """Content ids (32 lowercase hex digits, as `content_id` makes them and validate requires) as two uint64 keys
+    (hi, lo) that sort as the strings do: 16 bytes a row instead of a Python string, made without one."""
+    if isinstance(ids, pa.ChunkedArray):
+        ids = ids.combine_chunks()
+    try:
+        if ids.null_count:
+            raise pa.ArrowInvalid("null")
+        fixed = pc.cast(ids, pa.binary(32))
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        fixed = None
+    digits = None
+    if fixed is not None and len(fixed):
+        raw = np.frombuffer(fixed.buffers()[1], np.uint8, count=32 * len(fixed), offset=32 * fixed.offset)
+        digits = _HEX_DIGIT[raw].reshape(-1, 32)
+    if fixed is None or (digits is not None and (digits == 255).any()):
+        bad = next(v for v in ids.to_pylist() if not (isinstance(v, str) and _ID.fullmatch(v)))
+        raise ValueError(f"id {bad!r} is not 32 lowercase hex digits (validate only passes content ids)")
+    if digits is None:
+        return np.zeros(0, np.uint64), np.zeros(0, np.uint64)
+    packed = (digits[:, 0::2] << 4) | digits[:, 1::2]  # (n, 16) bytes, big-endian halves
+    halves = packed.view(">u8").astype(np.uint64)  # (n, 2)
+    return np.ascontiguousarray(halves[:, 0]), np.ascontiguousarray(halves[:, 1])
 
 
 def empty_table(modality: str) -> pa.Table:

@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 from fm.config import TokenizeConfig
-from fm.data.schema import MODALITIES, rows_per_batch
+from fm.data.schema import MODALITIES, id_keys, rows_per_batch
 from fm.io import atomic_path
 from fm.paths import Paths
 
@@ -79,13 +79,6 @@ def curated_tables(paths: Paths) -> list[tuple[str, Path]]:
     return found
 
 
-def _id_keys(ids: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
-    """Content ids (32 hex digits) as two uint64 keys that sort like the strings, 16 bytes a row instead of a string."""
-    digits = pc.utf8_slice_codeunits
-    return (np.array([int(h, 16) for h in digits(ids, 0, 16).to_pylist()], np.uint64),
-            np.array([int(h or "0", 16) for h in digits(ids, 16, 32).to_pylist()], np.uint64))
-
-
 def _text_batches(path: Path, columns: list[str]):
     """The curated table at path, a batch of rows at a time (no read-ahead)."""
     file = pq.ParquetFile(path, pre_buffer=False)
@@ -108,7 +101,10 @@ def select_training_text(paths: Paths, max_bytes: int) -> dict[str, list[str]]:
         offset = 0
         for batch in _text_batches(path, ["id", "text"]):
             valid = pc.is_valid(batch["text"]).to_numpy(zero_copy_only=False)  # (B,) rows with text
-            keys = _id_keys(pc.filter(batch["id"], valid))
+            try:
+                keys = id_keys(pc.filter(batch["id"], valid))
+            except ValueError as e:
+                raise ValueError(f"{path}: {e}") from None
             hi.append(keys[0])
             lo.append(keys[1])
             # n_bytes is written by ingest; recompute rather than trust it for the budget
