@@ -85,7 +85,7 @@ def main() -> None:
                     help="tokenize.max_train_bytes for every factor: the same tokenizer training sample (below the "
                          "sample corpus's text, so the cap is what decides it)")
     ap.add_argument("--dask-factors", type=int, nargs="*", default=[10],
-                    help="factors on which ingest also runs with partitions.runner=dask (2 local workers)")
+                    help="factors on which ingest and validate also run with partitions.runner=dask (2 local workers)")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "scale_bench.json")
     args = ap.parse_args()
     params = yaml.safe_load(args.params.read_text())
@@ -110,21 +110,25 @@ def main() -> None:
             print(f"factor {factor} repeat {rep + 1}: " + ", ".join(
                 f"{s} {r[-1]['seconds']:.1f}s/{r[-1]['rss_mb']:.0f}MB" for s, r in runs.items())
                 + f", loader {loader[-1]:.2f} ms", file=sys.stderr, flush=True)
-        if factor in args.dask_factors:  # ingest's files as Prefect tasks on a 2-worker local Dask cluster
+        if factor in args.dask_factors:  # ingest's files and validate's row ranges as Prefect tasks on 2 Dask workers
             dask_params = yaml.safe_load(args.params.read_text())
             dask_params["partitions"] = {"runner": "dask", "dask_address": "", "dask_workers": 2}
             dask_path = args.cache / "params-dask.yaml"
             dask_path.write_text(yaml.safe_dump(dask_params, sort_keys=False, allow_unicode=True))
-            dask_runs, same = [], []
+            on_dask: dict[str, list[dict]] = {"ingest_dask": [], "validate_dask": []}
+            same = []
             for rep in range(args.repeats):
                 with tempfile.TemporaryDirectory(dir=args.cache) as a, tempfile.TemporaryDirectory(dir=args.cache) as b:
-                    dask_runs.append(run_child("ingest", raw, Path(a), dask_path))
-                    local = run_child("ingest", raw, Path(b), args.params)
-                    same.append(all((Path(a) / "02_ingested" / f.name).read_bytes() == f.read_bytes()
-                                    for f in (Path(b) / "02_ingested").glob("*.parquet")))
-                print(f"factor {factor} repeat {rep + 1}: ingest on dask {dask_runs[-1]['seconds']:.1f}s, "
-                      f"local {local['seconds']:.1f}s, same outputs {same[-1]}", file=sys.stderr, flush=True)
-            runs["ingest_dask"] = dask_runs
+                    local = {}
+                    for stage in ("ingest", "validate"):
+                        on_dask[f"{stage}_dask"].append(run_child(stage, raw, Path(a), dask_path))
+                        local[stage] = run_child(stage, raw, Path(b), args.params)
+                    same.append(all((Path(a) / layer / f.name).read_bytes() == f.read_bytes()
+                                    for layer in ("02_ingested", "03_validated") for f in (Path(b) / layer).iterdir()))
+                print(f"factor {factor} repeat {rep + 1}: on dask ingest {on_dask['ingest_dask'][-1]['seconds']:.1f}s "
+                      f"(local {local['ingest']['seconds']:.1f}s), validate {on_dask['validate_dask'][-1]['seconds']:.1f}s "
+                      f"(local {local['validate']['seconds']:.1f}s), same outputs {same[-1]}", file=sys.stderr, flush=True)
+            runs.update(on_dask)
             results.setdefault("dask_same_outputs", {})[factor] = all(same)
         results["factors"][factor] = {
             "raw_mb": round(sum(p.stat().st_size for p in raw.rglob("*") if p.is_file()) / 1e6, 1),
@@ -138,7 +142,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     for factor, res in results["factors"].items():
         for s, r in res["stages"].items():
-            b = base["stages"].get(s) or base["stages"]["ingest"]
+            b = base["stages"].get(s) or base["stages"][s.removesuffix("_dask")]
             print(f"| {factor} | {res['raw_mb']} | {s} | {r['seconds']:.2f} | {r['seconds'] / (factor * b['seconds']):.2f} "
                   f"| {r['rss_mb']:.0f} | {r['rss_mb'] / b['rss_mb']:.2f} |")
         total = sum(res["stages"][s]["seconds"] for s in STAGES)

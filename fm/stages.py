@@ -29,7 +29,7 @@ from fm.data.instructions import instructions
 from fm.data.schema import returned_memory
 from fm.data.shards import write_shards
 from fm.data.tokenizer import train_tokenizer
-from fm.data.validate import validate
+from fm.data.validate import validate_stage
 from fm.eval.stage import evaluate
 from fm.export.stage import export
 from fm.paths import Paths
@@ -77,8 +77,8 @@ STAGES: dict[str, Stage] = {
     for s in (
         Stage("ingest", ingest_stage, "Read the raw corpus (text, code, image-caption pairs, triples) into Arrow tables.",
               sections=("ingest", "partitions"), deps=("raw",), outs=("02_ingested",), retries=2),
-        Stage("validate", validate, "Run Great Expectations suites; failing rows go to quarantine.",
-              upstream=("ingest",), sections=("validate",), deps=("02_ingested",), outs=("03_validated",)),
+        Stage("validate", validate_stage, "Run Great Expectations suites; failing rows go to quarantine.",
+              upstream=("ingest",), sections=("validate", "partitions"), deps=("02_ingested",), outs=("03_validated",)),
         Stage("curate", curate, "Exact and MinHash near-duplicate removal, quality filters, corpus statistics.",
               upstream=("validate",), sections=("curate",), deps=("03_validated",),
               outs=("04_curated", "quarantine.parquet"), tables={"corpus_stats": "04_curated/stats.parquet"}),

@@ -1,6 +1,6 @@
-"""The data stages' partitions on a Dask cluster (issue 13): ingest's raw files mapped as Prefect tasks on a
-2-worker local Dask cluster (prefect-dask), a few files a task, give the tables the in-process runner gives,
-byte for byte.
+"""The data stages' partitions on a Dask cluster (issue 13): ingest's raw files (a few files a task) and
+validate's row ranges, mapped as Prefect tasks on a 2-worker local Dask cluster (prefect-dask), give the
+tables, quarantine and report the in-process runner gives, byte for byte.
 
     pytest tests/test_partitions.py
 """
@@ -14,9 +14,11 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from fm.config import IngestConfig, PartitionsConfig
+from fm.config import IngestConfig, PartitionsConfig, ValidateConfig
 import fm.data.ingest as ingest_module
+import fm.data.validate as validate_module
 from fm.data.ingest import ingest
+from fm.data.validate import validate
 from fm.data.partitions import map_partitions
 from fm.paths import Paths
 from tests.conftest import make_bad_corpus
@@ -35,10 +37,10 @@ def test_local_runner_maps_in_order_in_this_process():
 
 
 def digests(folder: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.glob("*.parquet"))}
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
 
 
-def test_dask_runner_ingests_the_same_tables_as_the_local_one(tmp_path, monkeypatch):
+def test_dask_runner_ingests_and_validates_the_same_tables_as_the_local_one(tmp_path, monkeypatch):
     raw = tmp_path / "raw"
     outside = tmp_path / "outside"
     outside.mkdir()
@@ -52,3 +54,17 @@ def test_dask_runner_ingests_the_same_tables_as_the_local_one(tmp_path, monkeypa
     assert pq.read_table(mapped.ingested / "quarantine.parquet").num_rows > 5
     assert summary["counts"]["text"]["kept"] > 0
     assert not [p for p in mapped.workdir.iterdir() if p.name.startswith(".tmp-")]  # the partitions' files are gone
+
+    # validate: row ranges of each table, several a modality, on the cluster; joined in order
+    dask = PartitionsConfig(runner="dask", dask_workers=2)
+    monkeypatch.setattr(validate_module, "PARTITION_ROWS", 2)
+    monkeypatch.setattr(validate_module, "GX_BATCH_PARTITIONS", 1)
+    cfg = ValidateConfig(min_pass_rate=0.0, allowed_langs=("en",))  # the other languages fail an expectation
+    validate(cfg, local)
+    summary = validate(cfg, mapped, dask)
+    assert digests(mapped.validated) == digests(local.validated)  # tables, quarantine and report.json
+    assert {p.name for p in mapped.validated.iterdir()} == {p.name for p in local.validated.iterdir()}
+    assert summary["counts"]["text"]["in"] > 2 * 2  # more than two partitions of text
+    assert pq.read_table(mapped.validated / "quarantine.parquet").num_rows > pq.read_table(
+        mapped.ingested / "quarantine.parquet").num_rows  # validate quarantined rows of its own
+    assert not [p for p in mapped.workdir.iterdir() if p.name.startswith(".tmp-")]

@@ -27,7 +27,7 @@ from typing import Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from fm.config import ValidateConfig
+from fm.config import PartitionsConfig, ValidateConfig
 from fm.data.quarantine import check_counts, read_quarantine, write_quarantine
 from fm.data.schema import MODALITIES, PARTITION_ROWS, SCHEMAS, rows_per_batch
 from fm.io import atomic_dir, write_json
@@ -164,27 +164,95 @@ def read_partitions(path: Path, modality: str) -> Iterator[pa.Table]:
             yield pa.Table.from_batches([batch]).cast(SCHEMAS[modality])
 
 
-def validate_modality(ctx, modality: str, cfg: ValidateConfig, src: Path, dst: Path):
+def read_rows(path: Path, modality: str, start: int, stop: int) -> pa.Table:
+    """Rows [start, stop) of the ingested table at `path`, cast to its schema: the row groups that hold them,
+    sliced. The partition that read_partitions yields for that range, read on its own (a Dask worker's)."""
+    file = pq.ParquetFile(path, pre_buffer=False)
+    sizes = [file.metadata.row_group(i).num_rows for i in range(file.metadata.num_row_groups)]
+    firsts = [sum(sizes[:i]) for i in range(len(sizes))]
+    groups = [i for i, (first, size) in enumerate(zip(firsts, sizes)) if first < stop and first + size > start]
+    table = file.read_row_groups(groups).slice(start - firsts[groups[0]], stop - start)
+    return table.cast(SCHEMAS[modality])
+
+
+def _check_partition(modality: str, table: pa.Table, failures: dict) -> tuple[pa.Table, list[dict]]:
+    """(the kept rows, the quarantine rows) of one validated partition."""
+    quarantined = [{
+        "modality": modality, "source_file": table["source_file"][i].as_py(), "position": table["position"][i].as_py(),
+        "stage": "validate", "reason": "; ".join(failures[i]), "id": table["id"][i].as_py(),
+    } for i in sorted(failures)]  # fmt: skip
+    kept = table.filter(pa.array([i not in failures for i in range(table.num_rows)], type=pa.bool_()))
+    return kept, quarantined
+
+
+_worker_suites: dict = {}  # in a Dask worker: the GX context, and (modality, settings) -> its suite, set up once
+
+
+def validate_rows(job: tuple) -> dict:
+    """One partition on a Dask worker (fm.data.partitions): validate rows [start, stop) of a modality's ingested
+    table, write the kept rows to `part` (Arrow IPC, atomically) -> its quarantine rows, report and counts."""
+    from fm.io import atomic_path
+
+    modality, src, start, stop, cfg, part = job
+    key = (modality, repr(cfg))
+    if key not in _worker_suites:
+        if "context" not in _worker_suites:
+            _worker_suites["context"] = _context()
+        _worker_suites[key] = prepare_suite(_worker_suites["context"], modality, cfg)
+    table = read_rows(Path(src), modality, start, stop)
+    failures, report = validate_partition(*_worker_suites[key], table)
+    kept, quarantined = _check_partition(modality, table, failures)
+    with atomic_path(part) as tmp, pa.ipc.new_file(tmp, kept.schema) as writer:
+        writer.write_table(kept)
+    return {"quarantined": quarantined, "report": report, "in": table.num_rows}
+
+
+def _partitions_on_dask(cfg: ValidateConfig, src: Path, parts: Path, partitions: PartitionsConfig) -> dict:
+    """Validate every modality's partitions as Prefect tasks on Dask, all modalities in one map (one cluster)
+    -> {modality: [(part file, result)] in row order}."""
+    from fm.data.partitions import map_partitions
+
+    jobs = []
+    for modality in MODALITIES:
+        path = src / f"{modality}.parquet"
+        if not path.exists():
+            continue
+        n, rows = pq.ParquetFile(path).metadata.num_rows, rows_per_batch(path, GX_BATCH_PARTITIONS * PARTITION_ROWS)
+        jobs += [(modality, str(path), start, min(start + rows, n), cfg, str(parts / f"{modality}-{k:06d}.arrow"))
+                 for k, start in enumerate(range(0, n, rows))]
+    done: dict[str, list] = {m: [] for m in MODALITIES}
+    for job, result in zip(jobs, map_partitions(validate_rows, jobs, partitions, name="validate"), strict=True):
+        done[job[0]].append((Path(job[5]), result))
+    return done
+
+
+def validate_modality(ctx, modality: str, cfg: ValidateConfig, src: Path, dst: Path, mapped: list | None = None):
     """Validate one modality partition by partition, writing its kept rows to `dst` as it goes
-    -> (counts, report, quarantine rows)."""
+    -> (counts, report, quarantine rows). With `mapped` ([(part file, result)] from the Dask runner), the
+    partitions were validated already: their kept rows are joined in order, a row group each, as here."""
     batch_definition, suite = None, None
     n_in = n_kept = 0
     report: list[dict] = []
     quarantined: list[dict] = []
     with pq.ParquetWriter(dst, SCHEMAS[modality], compression="zstd") as writer:
-        for table in read_partitions(src, modality):
-            if suite is None:  # no GX setup for a modality with no rows
-                batch_definition, suite = prepare_suite(ctx, modality, cfg)
-            failures, part_report = validate_partition(batch_definition, suite, table)
-            report = merge_reports(report, part_report)
-            for i in sorted(failures):
-                quarantined.append({
-                    "modality": modality, "source_file": table["source_file"][i].as_py(), "position": table["position"][i].as_py(),
-                    "stage": "validate", "reason": "; ".join(failures[i]), "id": table["id"][i].as_py(),
-                })
-            kept = table.filter(pa.array([i not in failures for i in range(table.num_rows)], type=pa.bool_()))
+        if mapped is None:
+            for table in read_partitions(src, modality):
+                if suite is None:  # no GX setup for a modality with no rows
+                    batch_definition, suite = prepare_suite(ctx, modality, cfg)
+                failures, part_report = validate_partition(batch_definition, suite, table)
+                report = merge_reports(report, part_report)
+                kept, rows = _check_partition(modality, table, failures)
+                quarantined += rows
+                writer.write_table(kept)
+                n_in, n_kept = n_in + table.num_rows, n_kept + kept.num_rows
+        for part, result in mapped or ():
+            with pa.memory_map(str(part)) as source:
+                kept = pa.ipc.open_file(source).read_all()
             writer.write_table(kept)
-            n_in, n_kept = n_in + table.num_rows, n_kept + kept.num_rows
+            part.unlink()
+            report = merge_reports(report, result["report"])
+            quarantined += result["quarantined"]
+            n_in, n_kept = n_in + result["in"], n_kept + kept.num_rows
     pass_rate = 1.0 if n_in == 0 else n_kept / n_in
     counts = {"in": n_in, "kept": n_kept, "quarantined": len(quarantined), "pass_rate": round(pass_rate, 4)}
     return counts, report, quarantined
@@ -202,22 +270,31 @@ def fail_gate(full_report: dict, failing: dict[str, float], min_pass_rate: float
     )
 
 
-def validate(cfg: ValidateConfig, paths: Paths) -> dict:
-    """Run the validate stage: 02_ingested -> 03_validated + quarantine, gated on the pass rate."""
+def validate(cfg: ValidateConfig, paths: Paths, partitions: PartitionsConfig | None = None) -> dict:
+    """Run the validate stage: 02_ingested -> 03_validated + quarantine, gated on the pass rate. Partitions are
+    validated here, in order, or as Prefect tasks on Dask (partitions.runner): the outputs are the same."""
     start = time.perf_counter()
     src = paths.ingested
+    partitions = partitions or PartitionsConfig()
     if not (src / "quarantine.parquet").exists():
         raise FileNotFoundError(f"{src} has no ingested tables: run `fm ingest` first")
-    ctx = _context()
+    ctx = _context() if partitions.runner == "local" else None
     previous = read_quarantine(src / "quarantine.parquet")
     quarantined: list[dict] = []
     counts, report = {}, {}
     # The kept rows stream into the temporary folder; any exception (the gate's included) discards it.
     with atomic_dir(paths.validated) as tmp:
+        mapped = None
+        if partitions.runner != "local":
+            (tmp / "partitions").mkdir()
+            mapped = _partitions_on_dask(cfg, src, tmp / "partitions", partitions)
         for modality in MODALITIES:
             counts[modality], report[modality], rows = validate_modality(
-                ctx, modality, cfg, src / f"{modality}.parquet", tmp / f"{modality}.parquet")
+                ctx, modality, cfg, src / f"{modality}.parquet", tmp / f"{modality}.parquet",
+                None if mapped is None else mapped[modality])
             quarantined += rows
+        if mapped is not None:
+            (tmp / "partitions").rmdir()  # every part was joined and removed
         check_counts("validate", counts)
         full_report = {"min_pass_rate": cfg.min_pass_rate, "counts": counts, "expectations": report}
         failing = {m: c["pass_rate"] for m, c in counts.items() if c["pass_rate"] < cfg.min_pass_rate}
@@ -228,3 +305,8 @@ def validate(cfg: ValidateConfig, paths: Paths) -> dict:
         write_json(full_report, tmp / "report.json")
     outputs = [str(paths.validated)]
     return {"stage": "validate", "counts": counts, "outputs": outputs, "seconds": round(time.perf_counter() - start, 3)}
+
+
+def validate_stage(cfg: ValidateConfig, partitions: PartitionsConfig, paths: Paths) -> dict:
+    """The validate stage as the stage table runs it: its own settings, then where its partitions run."""
+    return validate(cfg, paths, partitions)
