@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
@@ -92,6 +93,42 @@ def sha256_file(path: str | os.PathLike) -> str:
         while chunk := f.read(1 << 22):
             h.update(chunk)
     return h.hexdigest()
+
+
+# (sha256, time.time_ns() before the stat) per (path, size, mtime_ns): a stage's multi-GB output is hashed once in a
+# process, not again as the next stage's input (fm.registry.content_hash) nor by a loader's check (known_hash)
+_file_hashes: dict[tuple[str, int, int], tuple[str, int]] = {}
+SETTLED_NS = 2 * 10**9  # known_hash: more than any filesystem's timestamp tick (FAT's is 2 s)
+
+
+def _key(path: str | os.PathLike, st: os.stat_result) -> tuple[str, int, int]:
+    return os.path.abspath(path), st.st_size, st.st_mtime_ns
+
+
+def cached_sha256(path: str | os.PathLike) -> str:
+    """sha256_file, computed once per (path, size, mtime) in this process."""
+    taken = time.time_ns()
+    key = _key(path, os.stat(path))
+    if key not in _file_hashes:
+        _file_hashes[key] = (sha256_file(path), taken)
+    return _file_hashes[key][0]
+
+
+def known_hash(path: str | os.PathLike, st: os.stat_result) -> str | None:
+    """The sha256 this process computed for `path` (cached_sha256, or a loader's remember_hash) if `st`, its stat
+    now, proves it unchanged since; else None: hash it again. So a stage's loader checks a shard against its manifest
+    without a second sha256 pass after the stage door's. Proof, stricter than cached_sha256's own reuse: the same
+    size and mtime, and a ctime at least SETTLED_NS older than the hash. Every write, rename or utime sets the ctime
+    to the time of the change (no call sets it back, as cp -p or touch -r set an old mtime back), so a file changed
+    after its hash has a later ctime, even one changed within the same clock tick (git's "racily clean" case)."""
+    found = _file_hashes.get(_key(path, st))
+    return found[0] if found and st.st_ctime_ns < found[1] - SETTLED_NS else None
+
+
+def remember_hash(path: str | os.PathLike, st: os.stat_result, sha256: str, taken: int) -> None:
+    """Record the sha256 of `path` computed outside cached_sha256: `st` is its stat before the read, `taken` the
+    time.time_ns() before that stat."""
+    _file_hashes[_key(path, st)] = (sha256, taken)
 
 
 def write_parquet(table: pa.Table, path: str | os.PathLike) -> None:

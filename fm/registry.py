@@ -34,13 +34,10 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from fm.io import sha256_file
+from fm.io import cached_sha256
 from fm.paths import Paths
 
 _mutex = threading.Lock()  # parallel DAG branches of one run write here in turn (one writer per file)
-# sha256 per (path, size, mtime_ns): a stage's multi-GB output is hashed once, not again as the next stage's input
-_file_hashes: dict[tuple[str, int, int], str] = {}
-
 RUNS_DDL = """
 create table if not exists stage_runs (
     stage varchar, status varchar, started double, seconds double,
@@ -113,21 +110,13 @@ def _with_registry(paths: Paths, work: Callable, must_exist: bool = False):
                 _set_aside(paths, e)
 
 
-def _file_hash(path: str) -> str:
-    st = os.stat(path)
-    key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
-    if key not in _file_hashes:
-        _file_hashes[key] = sha256_file(path)
-    return _file_hashes[key]
-
-
 def content_hash(path: Path) -> str | None:
     """The content hash of a stage's dep or out: a file's sha256; for a directory, the sha256 of its
     files' sorted (relative POSIX path, sha256) pairs, one `path NUL sha256 LF` line each, skipping the
     `.tmp-*` leftovers of writes in progress (and whatever lies under them); None when it does not exist."""
     path = Path(path)
     if path.is_file():
-        return _file_hash(str(path))
+        return cached_sha256(str(path))
     if not path.is_dir():
         return None
     pairs = []
@@ -138,7 +127,7 @@ def content_hash(path: Path) -> str | None:
             if name.startswith(".tmp-") or not os.path.isfile(file):  # a broken link or a socket has no content
                 continue
             try:
-                pairs.append((Path(os.path.relpath(file, path)).as_posix(), _file_hash(file)))
+                pairs.append((Path(os.path.relpath(file, path)).as_posix(), cached_sha256(file)))
             except FileNotFoundError:  # renamed away under us (an atomic write replacing it); not part of the output
                 continue
     digest = hashlib.sha256()

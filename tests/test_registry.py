@@ -17,6 +17,7 @@ import duckdb
 import pytest
 from typer.testing import CliRunner
 
+import fm.io
 from fm import registry
 from fm.cli import app
 from fm.config import Params
@@ -101,8 +102,8 @@ def test_content_hash_of_a_missing_path_is_none(tmp_path):
 def test_a_file_is_hashed_once_per_size_and_mtime(tmp_path, monkeypatch):
     """One stage's output is the next stage's input: the second hash comes from the cache."""
     calls = []
-    real = registry.sha256_file
-    monkeypatch.setattr(registry, "sha256_file", lambda p: calls.append(p) or real(p))
+    real = fm.io.sha256_file
+    monkeypatch.setattr(fm.io, "sha256_file", lambda p: calls.append(p) or real(p))
     write(tmp_path / "big" / "shard.bin", b"x" * 1000)
     first = registry.content_hash(tmp_path / "big")
     assert registry.content_hash(tmp_path / "big") == first

@@ -182,6 +182,42 @@ def test_sha256_in_manifest_matches_files(built, tmp_path):
         load_manifest(copy, verify=True)
 
 
+def _cut_short(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _without_shard_list(path: Path) -> None:
+    path.write_text(json.dumps({k: v for k, v in json.loads(path.read_text()).items() if k != "shards"}))
+
+
+def _entry_without_path(path: Path) -> None:
+    manifest = json.loads(path.read_text())
+    del manifest["shards"][1]["path"]
+    path.write_text(json.dumps(manifest))
+
+
+def _not_utf8(path: Path) -> None:
+    path.write_bytes(b'{"shards": "\xc3\x28"}')  # an invalid UTF-8 sequence
+
+
+@pytest.mark.parametrize("damage, what", [(_cut_short, "is not valid JSON"), (_not_utf8, "is not valid JSON"),
+                                          (_without_shard_list, 'lacks its list of shards ("shards")'),
+                                          (_entry_without_path, "shard entry 1 lacks path")])
+def test_a_damaged_manifest_is_a_value_error_naming_it(built, tmp_path, damage, what):
+    """Not a JSONDecodeError or KeyError without a path: the file, what is wrong with it, and the stage to rerun."""
+    paths, _, _ = built
+    copy = tmp_path / "shards"
+    shutil.copytree(paths.tokens / "shards", copy)
+    damage(copy / "manifest.json")
+    for verify in (False, True):
+        with pytest.raises(ValueError) as info:
+            load_manifest(copy, verify=verify)
+        assert type(info.value) is ValueError
+        message = str(info.value)
+        assert message.startswith(str(copy / "manifest.json")) and what in message, message
+        assert message.endswith("rerun `fm shard`"), message
+
+
 def test_deterministic_across_runs(built, tmp_path):
     paths, cfg, _ = built
     other = Paths(raw=tmp_path, workdir=tmp_path / "data")

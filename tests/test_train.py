@@ -4,6 +4,7 @@ resume on 1 process of a 2-process run, and the exported model reproducing its v
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from fm.recipes.pretrain import pretrain, run
 from fm.train.checkpoint import latest_checkpoint, load_model
 from fm.train.loop import evaluate
 from fm.train.optim import build_optimizer, lr_at
+from fm.train.session import truncate_metrics
 
 TINY = dict(preset="tiny", model={"n_layer": 2, "d_model": 64, "n_head": 4}, seq_len=32, max_steps=6, lr=3e-3,
             warmup_steps=2, eval_every=3, eval_batches=2, ckpt_every=3, threads=1, peak_tflops=1.0,
@@ -59,6 +61,52 @@ def test_interrupted_run_resumes_bit_identical(sample_shards, tmp_path, monkeypa
     assert summary["resumed_from_step"] == 3
     assert losses(crashed) == losses(straight)  # bit-identical, not approximately equal
     assert len(losses(straight)) == 6 and losses(straight)[-1] < losses(straight)[0]
+
+
+def test_a_torn_last_metrics_line_is_dropped_on_resume(sample_shards, tmp_path, monkeypatch):
+    """Killed (or the disk filled) while appending step 4's record: the log ends in half a line, no newline. The
+    resume from step 3 drops it and logs step 4 again: every step once, the losses of an uninterrupted run."""
+    cfg = PretrainConfig(**TINY, batch_size=4)
+    straight = workdir(tmp_path, sample_shards, "straight")
+    run(cfg, straight, progress=False)
+    torn = workdir(tmp_path, sample_shards, "torn")
+
+    def crash_at_step_5(step, *args):
+        if step == 4:
+            raise RuntimeError("simulated crash")
+        return lr_at(step, *args)
+
+    monkeypatch.setattr(loop, "lr_at", crash_at_step_5)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run(cfg, torn, progress=False)
+    log = torn.checkpoints / "pretrain" / "metrics.jsonl"
+    text = log.read_text()
+    last = text.rstrip("\n").rsplit("\n", 1)[1]
+    assert json.loads(last)["step"] == 4
+    log.write_text(text[: len(text) - len(last) // 2 - 1])  # step 4's line cut in half, as a killed append leaves it
+    monkeypatch.setattr(loop, "lr_at", lr_at)
+    summary = run(cfg, torn, progress=False)
+    assert summary["resumed_from_step"] == 3
+    steps = [json.loads(line)["step"] for line in (torn.models / "pretrain" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    assert losses(torn) == losses(straight)
+
+
+def test_a_damaged_metrics_line_is_refused_by_file_and_line(sample_shards, tmp_path):
+    """Only a torn last append is dropped: a bad line anywhere else (or a bad last line that has its newline) is
+    damage, refused naming the file and the line, and the log is left as it was."""
+    paths = workdir(tmp_path, sample_shards, "w")
+    run(PretrainConfig(**TINY, batch_size=4), paths, progress=False)
+    lines = (paths.models / "pretrain" / "metrics.jsonl").read_text().splitlines(keepends=True)  # what the loop wrote
+    log = tmp_path / "metrics.jsonl"
+    for damaged, number in ([*lines[:2], "garbage\n", *lines[3:]], 3), ([*lines[:-1], lines[-1][:20] + "\n"], 6):
+        log.write_text("".join(damaged))
+        with pytest.raises(ValueError, match=re.escape(f"{log}: line {number} is not a metrics record")):
+            truncate_metrics(log, 3)
+        assert log.read_text() == "".join(damaged)
+    log.write_text("".join(lines[:-1]) + lines[-1][:20])  # torn: no newline
+    truncate_metrics(log, 6)
+    assert log.read_text() == "".join(lines[:-1])
 
 
 def test_changed_config_does_not_resume(sample_shards, tmp_path):

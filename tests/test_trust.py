@@ -6,6 +6,7 @@ multi-process `fm pretrain` leaves no torchrun or worker behind."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -15,19 +16,23 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
+import fm.data.loader as loader_module
 import fm.recipes.pretrain as recipe
 import fm.train.checkpoint as ckpt
 import fm.train.loop as loop
+from fm import io as fm_io
 from fm.config import PretrainConfig
 from fm.data.loader import TokenLoader, verify_token_shards
 from fm.data.shards import load_manifest
 from fm.models import load_decoder, load_pretrained
 from fm.paths import Paths
 from fm.recipes.pretrain import pretrain, run
+from fm.runner import check_inputs
 from fm.train.checkpoint import checkpoint_problem, step_dirs
 from fm.train.launch import LAUNCH_ID, launched_processes
 from fm.train.optim import lr_at
@@ -128,6 +133,87 @@ def test_the_tokenizer_is_checked_against_the_manifest(sample_shards, tmp_path):
     tokenizer.write_text(tokenizer.read_text().replace("<|endoftext|>", "<|endoftexT|>", 1))
     with pytest.raises(ValueError, match=r"tokenizer.json does not match its sha256 in .*manifest.json.*rerun `fm shard`"):
         run(cfg_of(), paths, progress=False)
+
+
+class CountHashes:
+    """The sha256 passes of this process: the registry's (the stage door's) by path, and the loader's."""
+
+    def __init__(self, monkeypatch):
+        self.door: list[Path] = []
+        self.loader = 0
+        real_file, real_sha256 = fm_io.sha256_file, hashlib.sha256
+
+        def sha256(*args):
+            self.loader += 1
+            return real_sha256(*args)
+
+        monkeypatch.setattr(fm_io, "sha256_file", lambda path: self.door.append(Path(path)) or real_file(path))
+        monkeypatch.setattr(loader_module, "hashlib", SimpleNamespace(sha256=sha256))
+
+
+def token_shards(paths: Paths) -> list[Path]:
+    shard_dir = paths.tokens / "shards"
+    return [shard_dir / e["path"] for e in load_manifest(shard_dir)["shards"] if e["kind"] == "tokens"]
+
+
+def settled(monkeypatch) -> None:
+    """Copies made a moment ago, as good as old ones to known_hash: SETTLED_NS shortened to 50 ms (still longer
+    than a clock tick, HZ=100's 10 ms), and 100 ms waited."""
+    monkeypatch.setattr(fm_io, "SETTLED_NS", 5 * 10**7, raising=False)
+    time.sleep(0.1)
+
+
+def test_a_stage_hashes_each_token_shard_once(sample_shards, tmp_path, monkeypatch):
+    """The door (check_inputs) hashes every shard; the loader's check then reuses those hashes for the files
+    unchanged since, reading them only for their ids; and the other way round."""
+    paths = workdir(tmp_path, sample_shards, "door-first", copy_tokens=True)
+    other = workdir(tmp_path, sample_shards, "loader-first", copy_tokens=True)
+    settled(monkeypatch)
+    shards, counted = token_shards(paths), CountHashes(monkeypatch)
+    check_inputs("pretrain", paths)
+    assert [counted.door.count(s) for s in shards] == [1] * len(shards) and len(shards) > 1
+    assert verify_token_shards(paths.tokens / "shards") == sum(s.stat().st_size for s in shards)
+    assert counted.loader == 0
+
+    shards = token_shards(other)
+    verify_token_shards(other.tokens / "shards")
+    assert counted.loader == len(shards)
+    check_inputs("pretrain", other)
+    assert not set(counted.door) & set(shards)
+
+
+def test_a_shard_changed_just_before_its_hash_is_hashed_again(sample_shards, tmp_path, monkeypatch):
+    """A file changed less than SETTLED_NS before the door hashed it could be changed again within the same clock
+    tick without its times showing it ("racily clean"): the loader does not take the door's word for it."""
+    paths = workdir(tmp_path, sample_shards, "w", copy_tokens=True)
+    monkeypatch.setattr(fm_io, "SETTLED_NS", 10**12, raising=False)  # the copy is surely newer than that
+    shards, counted = token_shards(paths), CountHashes(monkeypatch)
+    check_inputs("pretrain", paths)
+    verify_token_shards(paths.tokens / "shards")
+    assert [counted.door.count(s) for s in shards] == [1] * len(shards) and counted.loader == len(shards)
+
+
+@pytest.mark.parametrize("mtime", ["new", "restored"])
+def test_a_shard_changed_after_the_door_is_refused_by_the_loader(sample_shards, tmp_path, monkeypatch, mtime):
+    """The door passed the shard; then one byte of it changed (same size), with a new mtime or with the old one
+    put back (cp -p, touch -r): the loader does not reuse the door's hash, and refuses it by name."""
+    paths = workdir(tmp_path, sample_shards, "w", copy_tokens=True)
+    settled(monkeypatch)
+    check_inputs("pretrain", paths)
+    shard = token_shard(paths, "text")
+    before = shard.stat()
+    tokens = np.fromfile(shard, dtype=load_manifest(shard.parent)["dtype"])
+    tokens[len(tokens) // 2] ^= 1  # still an id of the vocabulary: only the sha256 can tell
+    tokens.tofile(shard)
+    if mtime == "new":
+        os.utime(shard, ns=(before.st_atime_ns, before.st_mtime_ns + 10**9))
+    else:
+        os.utime(shard, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = shard.stat()
+    assert after.st_size == before.st_size and (after.st_mtime_ns == before.st_mtime_ns) == (mtime == "restored")
+    listed = shard.parent / "manifest.json"
+    with pytest.raises(ValueError, match=re.escape(f"{shard} does not match its sha256 in {listed}")):
+        verify_token_shards(shard.parent)
 
 
 # ------------------------------------------------------------------ checkpoints

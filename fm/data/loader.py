@@ -14,9 +14,10 @@ world w keeps the samples i with i % w == r.
 
 Trust. `verify_token_shards` checks every token shard against the sha256 and size that `fm shard`
 wrote into manifest.json, and every token id against the tokenizer's vocabulary, in one read of
-each file; the pretrain stage calls it once before training. The loader itself checks the ids of
-every window it reads (a few hundred integers), so a bad id is an error naming its shard file,
-never an IndexError deep in the embedding.
+each file; the pretrain stage calls it once before training. A shard the stage door (fm.runner
+check_inputs) has just hashed, unchanged since (fm.io.known_hash), is not hashed again: only
+its ids are read. The loader itself checks the ids of every window it reads (a few hundred
+integers), so a bad id is an error naming its shard file, never an IndexError deep in the embedding.
 
 The state is only global counters (the sample cursor and how many windows each modality
 has used), so a run resumes exactly mid-epoch or at an epoch boundary, and a checkpoint from
@@ -26,6 +27,7 @@ has used), so a run resumes exactly mid-epoch or at an epoch boundary, and a che
 from __future__ import annotations
 
 import hashlib
+import time
 import warnings
 from pathlib import Path
 
@@ -33,6 +35,7 @@ import numpy as np
 import torch
 
 from fm.data.shards import load_manifest, read_token_shard
+from fm.io import known_hash, remember_hash
 
 _DRAW_BLOCK = 4096  # modality draws are made in blocks of this many samples
 _READ_BYTES = 1 << 22  # verify_token_shards reads files in blocks of this many bytes
@@ -41,8 +44,10 @@ REBUILD = "rerun `fm shard` (or `fm run --from shard`)"
 
 def verify_token_shards(shard_dir: str | Path, manifest: dict | None = None) -> int:
     """Check each token shard named in manifest.json: present, its size and sha256 as recorded, every token
-    id below the tokenizer's vocab_size. One read per file (hashing and the id range in the same pass).
-    Raises FileNotFoundError or ValueError naming the file and what to do; returns the bytes checked."""
+    id below the tokenizer's vocab_size. One read per file (hashing and the id range in the same pass); the
+    sha256 is this process's earlier one (the stage door's) when the file is unchanged since (known_hash),
+    and the one computed here is kept for later. Raises FileNotFoundError or ValueError naming the file and what
+    to do; returns the bytes checked."""
     shard_dir = Path(shard_dir)
     manifest = manifest if manifest is not None else load_manifest(shard_dir)
     listed = shard_dir / "manifest.json"
@@ -54,19 +59,25 @@ def verify_token_shards(shard_dir: str | Path, manifest: dict | None = None) -> 
         path = shard_dir / entry["path"]
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing (listed in {listed}): {REBUILD}")
-        size = path.stat().st_size
+        taken, st = time.time_ns(), path.stat()
+        size = st.st_size
         if size != entry["bytes"]:
             raise ValueError(f"{path} has {size} bytes, {listed} says {entry['bytes']}: the shard is truncated or was "
                              f"changed since `fm shard` wrote it; {REBUILD}")
-        digest, top, top_at, offset = hashlib.sha256(), -1, 0, 0
+        known = known_hash(path, st)
+        digest, top, top_at, offset = (None if known else hashlib.sha256()), -1, 0, 0
         with open(path, "rb") as f:
             while block := f.read(_READ_BYTES - _READ_BYTES % dtype.itemsize):
-                digest.update(block)
+                if digest is not None:
+                    digest.update(block)
                 ids = np.frombuffer(block, dtype=dtype, count=len(block) // dtype.itemsize)  # (n,)
                 if len(ids) and int(ids.max()) > top:
                     top, top_at = int(ids.max()), offset + int(ids.argmax())
                 offset += len(ids)
-        if digest.hexdigest() != entry["sha256"]:
+        if not known:
+            known = digest.hexdigest()
+            remember_hash(path, st, known, taken)
+        if known != entry["sha256"]:
             raise ValueError(f"{path} does not match its sha256 in {listed}: the shard is damaged or was changed since "
                              f"`fm shard` wrote it; {REBUILD}")
         if top >= vocab_size:

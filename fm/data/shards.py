@@ -571,12 +571,29 @@ def _sum_dicts(dicts) -> dict:
 # ---------------------------------------------------------------- readers
 
 def load_manifest(shard_dir: str | Path, verify: bool = False) -> dict:
-    """The manifest of a shard folder; with `verify`, check every file's size and sha256 (ValueError if off)."""
+    """The manifest of a shard folder; with `verify`, check every file's size and sha256 (ValueError if off).
+    A manifest cut short or overwritten is a ValueError naming it, not a JSONDecodeError or KeyError without a path
+    raised by whichever reader first indexes it."""
     shard_dir = Path(shard_dir)
     path = shard_dir / "manifest.json"
     if not path.exists():
         raise FileNotFoundError(f"no manifest at {path}: run `fm shard` first")
-    manifest = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        manifest = json.loads(path.read_bytes())
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ValueError(f"{path} is not valid JSON ({type(e).__name__}: {e}): it was cut short or overwritten; "
+                         f"rerun `fm shard`") from None
+    # What every reader indexes (the rest, e.g. dtype or codes, only some): checked here once, by name.
+    needed = ("path", "kind", "bytes", "sha256") if verify else ("path", "kind")
+    shards = manifest.get("shards") if isinstance(manifest, dict) else None
+    if not isinstance(shards, list):
+        raise ValueError(f"{path} lacks its list of shards (\"shards\"): it was cut short or overwritten; "
+                         f"rerun `fm shard`")
+    for i, entry in enumerate(shards):
+        missing = [k for k in needed if k not in entry] if isinstance(entry, dict) else list(needed)
+        if missing:
+            raise ValueError(f"{path}: shard entry {i} lacks {', '.join(missing)}: it was cut short or overwritten; "
+                             f"rerun `fm shard`")
     if verify:
         for entry in manifest["shards"]:
             file = shard_dir / entry["path"]

@@ -65,12 +65,38 @@ def plan_start(saved: dict | None, identity: dict, schedule: dict, fresh: bool =
     return "set_aside", f"the schedule changed ({changed}) and step {saved['step']} is not before max_steps {schedule['max_steps']}"
 
 
+def metric_lines(path: Path) -> list[tuple[str, dict]]:
+    """(line, record) of each line of a metrics log. The loop appends a line per step, so a run killed (or a disk
+    that filled) mid-append leaves its last line cut short, without its newline: that line is dropped, as the step
+    it logged comes after the newest checkpoint and is trained and logged again on resume. A line that does not
+    parse anywhere else is damage, not a torn append: ValueError naming the file and line, never silently trimmed."""
+    text = path.read_text(encoding="utf-8", errors="replace")  # records are ASCII: a bad byte fails its line below
+    lines = text.split("\n")  # the last is "" when the log ends in its newline
+    out = []
+    for number, line in enumerate(lines, 1):
+        if not line:
+            continue
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+                raise ValueError("not a record with an integer step")
+        except ValueError as e:
+            if number == len(lines):
+                continue  # the torn last append: no newline after it
+            raise ValueError(f"{path}: line {number} is not a metrics record ({e}): the log is damaged, not cut "
+                             f"short by a killed run; train from step 0 (--force), or move the log aside to resume "
+                             f"without the records before the checkpoint") from None
+        out.append((line, record))
+    return out
+
+
 def truncate_metrics(path: Path, step: int) -> None:
-    """Keep metric lines up to `step`: a resumed run rewrites what came after its checkpoint. The log is replaced
-    whole (atomic_path): a run killed while rewriting it leaves the old log, not a cut one no resume can read."""
+    """Keep metric lines up to `step`: a resumed run rewrites what came after its checkpoint (and a torn last line,
+    see metric_lines). The log is replaced whole (atomic_path): a run killed while rewriting it leaves the old log,
+    not a cut one no resume can read."""
     if not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    keep = [line for line, record in metric_lines(path) if record["step"] <= step]
     with atomic_path(path) as tmp:
         tmp.write_text("".join(line + "\n" for line in keep))
 
@@ -176,9 +202,9 @@ class TrainingSession:
         """Copy the run's metrics.jsonl (every step from 1 to the last trained) into out_dir and write loss.csv
         beside it (rank 0). Returns (the records, {final_loss, val_loss}: the last of each)."""
         path = self.root / "metrics.jsonl"
-        metrics = path.read_text() if path.exists() else ""
-        (out_dir / "metrics.jsonl").write_text(metrics)
-        records = [json.loads(line) for line in metrics.splitlines()]
+        lines = metric_lines(path) if path.exists() else []
+        (out_dir / "metrics.jsonl").write_text("".join(line + "\n" for line, _ in lines))
+        records = [record for _, record in lines]
         (out_dir / "loss.csv").write_text("\n".join([LOSS_CSV_HEADER, *(loss_csv_row(r) for r in records)]) + "\n")
         figures = {"final_loss": round(records[-1]["loss"], 4)} if records else {}
         vals = [r["val_loss"] for r in records if "val_loss" in r]
