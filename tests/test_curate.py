@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import fm.data.curate as curate_module
+import fm.data.schema as schema_module
 from fm.config import CurateConfig
 from fm.data.curate import (
     curate,
@@ -308,7 +309,7 @@ def test_curate_streams_and_gives_the_same_outputs_in_tiny_batches(corpus, monke
     curate(CFG, paths)
     expected = {f.name: pq.read_table(f).to_pylist() for f in sorted(paths.curated.glob("*.parquet"))}
     quarantine = read_quarantine(paths.quarantine).to_pylist()
-    monkeypatch.setattr(curate_module, "rows_per_batch", lambda path: 1)
+    monkeypatch.setattr(schema_module, "rows_per_batch", lambda path: 1)  # read_batches' default
     curate(CFG, paths)
     assert {f.name: pq.read_table(f).to_pylist() for f in sorted(paths.curated.glob("*.parquet"))} == expected
     assert read_quarantine(paths.quarantine).to_pylist() == quarantine

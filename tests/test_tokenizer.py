@@ -137,11 +137,12 @@ def test_fm_loaders_never_match_special_tokens_in_text(tmp_path):
 def test_the_training_sample_is_the_same_read_in_tiny_batches(tmp_path, monkeypatch, budget):
     """select_training_text streams the curated tables (ids and lengths first, then the picked texts): a batch of
     two rows gives the sample of one batch per file, text for text and in the same order."""
+    import fm.data.schema as schema
     import fm.data.tokenizer as tokenizer
 
     paths = write_fixture(tmp_path / "data")
     whole = tokenizer.select_training_text(paths, budget)
-    monkeypatch.setattr(tokenizer, "rows_per_batch", lambda path: 2)
+    monkeypatch.setattr(schema, "rows_per_batch", lambda path: 2)  # read_batches' default
     assert tokenizer.select_training_text(paths, budget) == whole
     assert sum(len(t.encode()) for texts in whole.values() for t in texts) <= budget
     if budget == 2000:  # the cap bites: a strict subset, taken in content-id order across modalities

@@ -46,7 +46,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from fm.config import CurateConfig
 from fm.data.quarantine import check_counts, read_quarantine, write_quarantine
-from fm.data.schema import MODALITIES, id_keys, rows_per_batch
+from fm.data.schema import MODALITIES, id_keys, read_batches
 from fm.io import atomic_path, write_parquet
 from fm.paths import Paths
 
@@ -413,8 +413,7 @@ def quality_reason(text: str, cfg: CurateConfig) -> str | None:
 def _batches(path, columns: list[str] | None = None):
     """(first row, batch) of the table at path, a batch at a time (no read-ahead)."""
     offset = 0
-    file = pq.ParquetFile(path, pre_buffer=False, buffer_size=1 << 20)  # read a page at a time, not a column chunk
-    for batch in file.iter_batches(batch_size=rows_per_batch(path), columns=columns):
+    for batch in read_batches(path, columns):
         yield offset, batch
         offset += batch.num_rows
 

@@ -47,7 +47,7 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageOps
 
 from fm.config import IngestConfig, PartitionsConfig
-from fm.data.schema import MODALITIES, PARTITION_ROWS, QUARANTINE_SCHEMA, SCHEMAS, content_id
+from fm.data.schema import MODALITIES, PARTITION_ROWS, QUARANTINE_SCHEMA, SCHEMAS, content_id, read_batches
 from fm.data.quarantine import check_counts, write_quarantine
 from fm.io import atomic_dir, scratch_dir
 from fm.paths import Paths
@@ -733,7 +733,7 @@ def _ingest_mapped(files: dict[str, list[Path]], raw: Path, cfg: IngestConfig, p
     for k, ((modality, _, rel, _), result) in enumerate(zip(jobs, results)):
         res = FileResult(out=out, quarantined=result["quarantined"])
         part = scratch / f"{k:07d}" / f"{modality}.parquet"
-        for batch in pq.ParquetFile(part, pre_buffer=False).iter_batches():
+        for batch in read_batches(part):
             for row in batch.to_pylist():
                 res.keep(row)
         out.add_file(modality, rel, res, result["records"])

@@ -19,6 +19,7 @@ import hashlib
 import re
 import threading
 from contextlib import contextmanager
+from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -83,6 +84,17 @@ def rows_per_batch(path, max_rows: int = PARTITION_ROWS, max_bytes: int = 16 << 
     meta = pq.ParquetFile(path).metadata
     size = sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
     return max(1, min(max_rows, max_bytes * max(meta.num_rows, 1) // max(size, 1)))
+
+
+def read_batches(path, columns: list[str] | None = None, rows: int | None = None) -> Iterator[pa.RecordBatch]:
+    """The Parquet table at `path`, `rows` rows a batch (rows_per_batch by default), as the data stages read their
+    inputs: a page at a time with no read-ahead (pre-buffering reads whole column chunks ahead), so only about a
+    batch is in memory however large the file (issue 13). Batches span row groups: batch k holds rows
+    [k * rows, (k + 1) * rows)."""
+    import pyarrow.parquet as pq
+
+    file = pq.ParquetFile(path, pre_buffer=False, buffer_size=1 << 20)
+    yield from file.iter_batches(batch_size=rows or rows_per_batch(path), columns=columns)
 
 COMMON_FIELDS = [
     pa.field("id", pa.string(), nullable=False),

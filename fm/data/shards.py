@@ -65,7 +65,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from fm.config import ShardConfig
-from fm.data.schema import MODALITIES, PARTITION_ROWS, rows_per_batch
+from fm.data.schema import MODALITIES, PARTITION_ROWS, read_batches, rows_per_batch
 from fm.data.tokenizer import SPECIAL_IDS, curated_tables, lang_token, load_tokenizer, modality_token
 from fm.io import atomic_dir, scratch_dir, sha256_file
 from fm.paths import Paths
@@ -224,15 +224,14 @@ def ordered_batches(path: Path, schema: pa.Schema, rows_at: np.ndarray, doc: np.
     file of its bucket of stream positions (Arrow IPC under `spill`); then each bucket is read, put in order
     and yielded. Only a row group or a bucket is in memory at a time, however large the corpus."""
     batch_rows = batch_rows or rows_per_batch(path)
-    file = pq.ParquetFile(path, pre_buffer=False, buffer_size=1 << 20)  # pre-buffering would read ahead the file
-    seq_of_row = np.full(file.metadata.num_rows, -1, np.int64)  # (rows,) stream position of each file row
+    seq_of_row = np.full(pq.read_metadata(path).num_rows, -1, np.int64)  # (rows,) stream position of each file row
     seq_of_row[rows_at] = np.arange(len(rows_at))
     bucket_rows = max(batch_rows, -(-len(rows_at) // MAX_BUCKETS))
     target = schema.append(pa.field("doc", pa.int64()))
     writers: dict[int, ipc.RecordBatchStreamWriter] = {}
     try:
         offset = 0
-        for batch in file.iter_batches(batch_size=batch_rows):
+        for batch in read_batches(path, rows=batch_rows):
             seqs = seq_of_row[offset:offset + batch.num_rows]
             offset += batch.num_rows
             table = pa.Table.from_batches([batch]).cast(schema).append_column("seq", pa.array(seqs))
@@ -489,8 +488,8 @@ def write_shards(cfg: ShardConfig, paths: Paths) -> dict:
         for modality, path in tables:
             keep = np.ones(n_rows[modality], bool)
             if modality == "triples" and withheld:
-                keep = np.concatenate([~withheld_mask(batch, withheld) for batch in pq.ParquetFile(
-                    path, pre_buffer=False).iter_batches(columns=["subject", "relation", "lang"])] or [keep])
+                keep = np.concatenate([~withheld_mask(batch, withheld)
+                                       for batch in read_batches(path, ["subject", "relation", "lang"])] or [keep])
                 dropped = int((~keep).sum())
             kept_rows = np.flatnonzero(keep)  # (K,) file rows that go into the stream
             # One key column in memory at a time, ranked (4 bytes a row): a corpus's key strings never are.

@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 from fm.config import TokenizeConfig
-from fm.data.schema import MODALITIES, id_keys, rows_per_batch
+from fm.data.schema import MODALITIES, id_keys, read_batches
 from fm.io import atomic_path
 from fm.paths import Paths
 
@@ -79,12 +79,6 @@ def curated_tables(paths: Paths) -> list[tuple[str, Path]]:
     return found
 
 
-def _text_batches(path: Path, columns: list[str]):
-    """The curated table at path, a batch of rows at a time (no read-ahead)."""
-    file = pq.ParquetFile(path, pre_buffer=False)
-    yield from file.iter_batches(batch_size=rows_per_batch(path), columns=columns)
-
-
 def select_training_text(paths: Paths, max_bytes: int) -> dict[str, list[str]]:
     """Up to `max_bytes` of UTF-8 text per the curated tables, keyed by modality.
 
@@ -99,7 +93,7 @@ def select_training_text(paths: Paths, max_bytes: int) -> dict[str, list[str]]:
     hi, lo, sizes, modality_of, row_of = [], [], [], [], []
     for m, (modality, path) in enumerate(tables):
         offset = 0
-        for batch in _text_batches(path, ["id", "text"]):
+        for batch in read_batches(path, ["id", "text"]):
             valid = pc.is_valid(batch["text"]).to_numpy(zero_copy_only=False)  # (B,) rows with text
             try:
                 keys = id_keys(pc.filter(batch["id"], valid))
@@ -142,7 +136,7 @@ def select_training_text(paths: Paths, max_bytes: int) -> dict[str, list[str]]:
         rank = np.argsort(wanted)
         texts: list[str | None] = [None] * len(wanted)
         sorted_rows, cursor, offset = wanted[rank], 0, 0
-        for batch in _text_batches(path, ["text"]):
+        for batch in read_batches(path, ["text"]):
             end = offset + batch.num_rows
             stop = int(np.searchsorted(sorted_rows, end))
             if stop > cursor:

@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 
 from fm.config import PartitionsConfig, ValidateConfig
 from fm.data.quarantine import check_counts, read_quarantine, write_quarantine
-from fm.data.schema import MODALITIES, PARTITION_ROWS, SCHEMAS, rows_per_batch
+from fm.data.schema import MODALITIES, PARTITION_ROWS, SCHEMAS, read_batches, rows_per_batch
 from fm.io import atomic_dir, write_json
 from fm.paths import Paths
 
@@ -158,8 +158,7 @@ def read_partitions(path: Path, modality: str) -> Iterator[pa.Table]:
     """The ingested table at `path` (none if absent), PARTITION_ROWS rows at a time, cast to its schema."""
     if not path.exists():
         return
-    rows = rows_per_batch(path, GX_BATCH_PARTITIONS * PARTITION_ROWS)
-    for batch in pq.ParquetFile(path, pre_buffer=False).iter_batches(batch_size=rows):  # no read-ahead
+    for batch in read_batches(path, rows=rows_per_batch(path, GX_BATCH_PARTITIONS * PARTITION_ROWS)):
         if batch.num_rows:
             yield pa.Table.from_batches([batch]).cast(SCHEMAS[modality])
 
