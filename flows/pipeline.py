@@ -29,6 +29,17 @@ from tasks.stages import STAGE_TASKS
 StageName = Literal[tuple(STAGES)]  # type: ignore[valid-type]
 
 
+def _holder_name(selected: list[str]) -> str:
+    """This run as the work dir's lock names it to a run it refuses: a served run also by its deployment and flow
+    run, which is how to find it in the Prefect UI."""
+    from prefect.runtime import deployment, flow_run
+
+    name = f"fm run (stages: {', '.join(selected)})"
+    if deployment.name:
+        name += f" served as deployment fm-pipeline/{deployment.name}, flow run {flow_run.name}"
+    return name
+
+
 @flow(name="fm-pipeline", log_prints=True)
 def pipeline(
     raw: str = "data/01_raw",
@@ -57,7 +68,7 @@ def pipeline(
     with ExitStack() as held:
         try:
             ctx.params()  # a bad setting fails here, before any stage starts
-            held.enter_context(workdir_lock(workdir, f"fm run (stages: {', '.join(selected)})"))
+            held.enter_context(workdir_lock(workdir, _holder_name(selected)))
         except (ValueError, WorkdirBusy) as e:  # one line for the user, not a traceback
             return Failed(message=str(e), data=e)
         recover(ctx.paths)  # what a killed run left behind

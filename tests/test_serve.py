@@ -240,7 +240,7 @@ def test_a_served_run_and_a_persons_run_on_one_work_dir_the_second_is_refused_na
             output = person.stdout + person.stderr
             assert person.returncode == 1 and "Traceback" not in output, output[-3000:]
             refusal = [line for line in output.splitlines() if line.startswith("error (run):")]
-            assert len(refusal) == 1 and f"in use by pid {pid} " in refusal[0] and "'fm run (stages: ingest)'" in refusal[0], output
+            assert len(refusal) == 1 and f"in use by pid {pid} " in refusal[0] and "'fm run (stages: ingest) served as deployment fm-pipeline/ingest, flow run " in refusal[0], output
             assert snapshot(work) == before
         finally:
             os.kill(pid, signal.SIGCONT)

@@ -120,6 +120,42 @@ def test_tiny_partitions_give_the_same_outputs(corpus, monkeypatch):
     assert max(kept.metadata.row_group(i).num_rows for i in range(kept.num_row_groups)) <= 2
 
 
+def test_partitions_hold_a_bounded_amount_of_text_however_long_the_rows(tmp_path, monkeypatch):
+    """Rows count is no bound on GX's memory when documents are long (a 57 MB batch at 30x): partitions also stop at
+    about GX_BATCH_BYTES of text, a row longer than that alone; the outputs are those of one partition."""
+    lengths = [10, 10, 900, 10, 2500, 10, 10, 10, 400, 400, 400, 10]
+    texts = [f"{GOOD} {i} " + "x" * n for i, n in enumerate(lengths)]
+    texts[3] = ""  # broken, so the quarantine and report are compared too
+    paths = Paths(tmp_path / "raw", tmp_path / "parts")
+    write_ingested(paths, {"text": [row("text", i + 1, t) for i, t in enumerate(texts)]}, row_group_size=5)
+    whole = copy_of(paths, "whole")
+    cfg = ValidateConfig(min_pass_rate=0.0)
+    validate(cfg, whole)
+
+    monkeypatch.setattr(validate_module, "GX_BATCH_BYTES", 1500)
+    monkeypatch.setattr(validate_module, "ROW_BYTES", 100)
+    ranges = validate_module.partition_ranges(paths.ingested / "text.parquet")
+    assert [start for start, _ in ranges] == [0] + [stop for _, stop in ranges[:-1]] and ranges[-1][1] == len(texts)
+    sizes = [len(t.encode()) + 100 for t in texts]
+    for start, stop in ranges:
+        assert stop - start == 1 or sum(sizes[start:stop]) <= 1500, (start, stop)
+        assert stop == len(texts) or sum(sizes[start:stop + 1]) > 1500  # as many rows as fit
+    assert (4, 5) in ranges and len(ranges) >= 4  # the 2,500-byte row alone
+    monkeypatch.setattr(validate_module, "validate_partition", counted := CountCalls(validate_module.validate_partition))
+    validate(cfg, paths)
+    assert counted.calls == len(ranges)
+    assert outputs(paths) == outputs(whole)
+
+
+class CountCalls:
+    def __init__(self, fn):
+        self.fn, self.calls = fn, 0
+
+    def __call__(self, *args):
+        self.calls += 1
+        return self.fn(*args)
+
+
 def test_gate_counts_all_partitions_then_publishes_nothing(corpus, monkeypatch):
     monkeypatch.setattr(validate_module, "PARTITION_ROWS", 2)
     monkeypatch.setattr(validate_module, "GX_BATCH_PARTITIONS", 1)

@@ -3,8 +3,9 @@
     fm validate --workdir data
 
 The suites live in code (`build_suite`). Each `02_ingested/{modality}.parquet` is read one
-partition (PARTITION_ROWS rows) at a time, so memory does not grow with the corpus: GX is set
-up once per modality, then validates each partition as its own pandas batch. Rows that fail
+partition (a row range of at most GX_BATCH_BYTES of text, `partition_ranges`) at a time, so memory
+does not grow with the corpus: GX is set up once per modality, then validates each partition as
+its own pandas batch; partitions run here in order or as Prefect tasks on Dask (`partitions.runner`). Rows that fail
 any expectation go to quarantine with the expectations they broke (GX's per-row unexpected
 index); the rest are written as they come, a row group per partition, to
 `03_validated/{modality}.parquet`. `03_validated/report.json` holds every expectation's result
@@ -22,19 +23,23 @@ import shutil
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Iterator
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from fm.config import PartitionsConfig, ValidateConfig
 from fm.data.quarantine import check_counts, read_quarantine, write_quarantine
-from fm.data.schema import MODALITIES, PARTITION_ROWS, SCHEMAS, read_batches, rows_per_batch
+from fm.data.schema import MODALITIES, PARTITION_ROWS, SCHEMAS, read_batches, release_memory, rows_per_batch
 from fm.io import atomic_dir, write_json
 from fm.paths import Paths
 
 ROW = "_row"  # the column GX reports failing rows by
-GX_BATCH_PARTITIONS = 8  # GX costs ~0.1 s per batch whatever its size: up to 8 partitions (~16 MB of rows) a batch
+GX_BATCH_PARTITIONS = 8  # GX costs ~0.1 s per batch whatever its size: up to 8 partitions of rows a batch...
+# ...and about this much text: GX holds several times a batch's text at once (pandas, its expectations' results). A
+# 57 MB batch of long documents at 30x the sample raised the stage's peak by 300 MB; rows counts cannot bound that.
+GX_BATCH_BYTES = 8 << 20
+ROW_BYTES = 256  # a row's columns besides its text, as counted against GX_BATCH_BYTES (the image bytes stay behind)
 # Text that is not clean (see fm.data.ingest.unclean_reason): a control character other than tab,
 # newline and carriage return (source code may hold form feeds), or U+FFFD. Escapes that Python's
 # re and RE2 (pandas' pyarrow-backed strings) read alike, so the suite means the same on both.
@@ -154,18 +159,28 @@ def merge_reports(total: list[dict], part: list[dict]) -> list[dict]:
             for t, p in zip(total, part, strict=True)]
 
 
-def read_partitions(path: Path, modality: str) -> Iterator[pa.Table]:
-    """The ingested table at `path` (none if absent), PARTITION_ROWS rows at a time, cast to its schema."""
+def partition_ranges(path: Path) -> list[tuple[int, int]]:
+    """The row ranges [start, stop) of the ingested table at `path` (none if absent) that GX validates one at a time,
+    in order: at most GX_BATCH_PARTITIONS x PARTITION_ROWS rows, fewer when the table's rows are large on average
+    (rows_per_batch: images), and about GX_BATCH_BYTES of text and ROW_BYTES a row (a larger row alone). From the table's n_bytes column, so the same on every runner and every run."""
     if not path.exists():
-        return
-    for batch in read_batches(path, rows=rows_per_batch(path, GX_BATCH_PARTITIONS * PARTITION_ROWS)):
-        if batch.num_rows:
-            yield pa.Table.from_batches([batch]).cast(SCHEMAS[modality])
+        return []
+    sizes = [np.maximum(batch["n_bytes"].fill_null(0).to_numpy(), 0) for batch in read_batches(path, ["n_bytes"], 1 << 16)]
+    ends = np.cumsum(np.concatenate(sizes or [np.zeros(0, np.int64)]) + ROW_BYTES)  # (N,) bytes up to each row's end
+    max_rows = rows_per_batch(path, GX_BATCH_PARTITIONS * PARTITION_ROWS)  # ~16 MB of rows, images included, on average
+    ranges, start = [], 0
+    while start < len(ends):
+        before = int(ends[start - 1]) if start else 0
+        stop = int(np.searchsorted(ends, before + GX_BATCH_BYTES, side="right"))  # the rows that fit
+        stop = min(max(stop, start + 1), start + max_rows)
+        ranges.append((start, stop))
+        start = stop
+    return ranges
 
 
 def read_rows(path: Path, modality: str, start: int, stop: int) -> pa.Table:
     """Rows [start, stop) of the ingested table at `path`, cast to its schema: the row groups that hold them,
-    sliced. The partition that read_partitions yields for that range, read on its own (a Dask worker's)."""
+    sliced: one partition (partition_ranges), read on its own; only its row groups are in memory."""
     file = pq.ParquetFile(path, pre_buffer=False)
     sizes = [file.metadata.row_group(i).num_rows for i in range(file.metadata.num_row_groups)]
     firsts = [sum(sizes[:i]) for i in range(len(sizes))]
@@ -203,7 +218,10 @@ def validate_rows(job: tuple) -> dict:
     kept, quarantined = _check_partition(modality, table, failures)
     with atomic_path(part) as tmp, pa.ipc.new_file(tmp, kept.schema) as writer:
         writer.write_table(kept)
-    return {"quarantined": quarantined, "report": report, "in": table.num_rows}
+    n_in = table.num_rows
+    del table, kept, failures
+    release_memory()
+    return {"quarantined": quarantined, "report": report, "in": n_in}
 
 
 def _partitions_on_dask(cfg: ValidateConfig, src: Path, parts: Path, partitions: PartitionsConfig) -> dict:
@@ -216,9 +234,8 @@ def _partitions_on_dask(cfg: ValidateConfig, src: Path, parts: Path, partitions:
         path = src / f"{modality}.parquet"
         if not path.exists():
             continue
-        n, rows = pq.ParquetFile(path).metadata.num_rows, rows_per_batch(path, GX_BATCH_PARTITIONS * PARTITION_ROWS)
-        jobs += [(modality, str(path), start, min(start + rows, n), cfg, str(parts / f"{modality}-{k:06d}.arrow"))
-                 for k, start in enumerate(range(0, n, rows))]
+        jobs += [(modality, str(path), start, stop, cfg, str(parts / f"{modality}-{k:06d}.arrow"))
+                 for k, (start, stop) in enumerate(partition_ranges(path))]
     done: dict[str, list] = {m: [] for m in MODALITIES}
     for job, result in zip(jobs, map_partitions(validate_rows, jobs, partitions, name="validate"), strict=True):
         done[job[0]].append((Path(job[5]), result))
@@ -235,15 +252,18 @@ def validate_modality(ctx, modality: str, cfg: ValidateConfig, src: Path, dst: P
     quarantined: list[dict] = []
     with pq.ParquetWriter(dst, SCHEMAS[modality], compression="zstd") as writer:
         if mapped is None:
-            for table in read_partitions(src, modality):
+            for start, stop in partition_ranges(src):
                 if suite is None:  # no GX setup for a modality with no rows
                     batch_definition, suite = prepare_suite(ctx, modality, cfg)
+                table = read_rows(src, modality, start, stop)
                 failures, part_report = validate_partition(batch_definition, suite, table)
                 report = merge_reports(report, part_report)
                 kept, rows = _check_partition(modality, table, failures)
                 quarantined += rows
                 writer.write_table(kept)
                 n_in, n_kept = n_in + table.num_rows, n_kept + kept.num_rows
+                del table, kept, failures
+                release_memory()  # GX's many small objects, freed, would otherwise stay resident
         for part, result in mapped or ():
             with pa.memory_map(str(part)) as source:
                 kept = pa.ipc.open_file(source).read_all()
