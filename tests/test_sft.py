@@ -807,3 +807,18 @@ def test_exporting_the_same_weights_twice_writes_the_same_file(tmp_path):
         export_model(model, model.cfg, tmp_path / f"e{i}", Dist())
         digests.add(sha256_file(tmp_path / f"e{i}" / "model.safetensors"))
     assert len(digests) == 1
+
+
+def test_modality_codes_name_a_damaged_manifest(tmp_path):
+    from fm.recipes.sft import modality_codes
+
+    paths = Paths(tmp_path / "raw", tmp_path / "work")
+    assert modality_codes(paths) == []  # before `fm shard`: no codes, no error
+    manifest = paths.tokens / "shards" / "manifest.json"
+    manifest.parent.mkdir(parents=True)
+    manifest.write_text('{"codes": {"modality": ["text", "code"]}, "shards": []}')
+    assert modality_codes(paths) == ["text", "code"]
+    for damaged in ('{"codes": {"modality": ["te', '{"shards": []}', "[]"):
+        manifest.write_text(damaged)
+        with pytest.raises(ValueError, match=re.escape(f"{manifest} holds no modality codes") + r".*rerun `fm shard`"):
+            modality_codes(paths)

@@ -47,6 +47,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from fm.config import EvaluateConfig
+from fm.data.shards import load_manifest
 from fm.io import atomic_dir, sha256_file, write_json
 from fm.paths import Paths
 
@@ -138,8 +139,7 @@ def evaluate(cfg: EvaluateConfig, paths: Paths) -> dict:
         raise FileNotFoundError(f"{heldout_path} not found: run `fm instructions` first")
     heldout_rows = pq.read_table(heldout_path).to_pylist()
     items = sample_items(heldout_rows, cfg.qa_items, cfg.seed)  # every task, every model
-    manifest_path = paths.tokens / "shards" / "manifest.json"
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else None
+    manifest = load_manifest(paths.tokens / "shards") if (paths.tokens / "shards" / "manifest.json").is_file() else None
     codes = manifest["codes"]["modality"] if manifest else []
     report: dict = {"stage": "evaluate", "models": {}}
     # In-context learning (GPT-3 style, plain text): held-out knowledge and definition items, demonstrations

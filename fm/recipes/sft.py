@@ -71,6 +71,18 @@ EXECUTION_ONLY = ("methods", "teacher", "batch_size", "grad_accum", "nproc", "pa
 SCHEDULE = ("max_steps", "warmup_steps", "min_lr_ratio")  # and the method's lr
 
 
+def modality_codes(paths: Paths) -> list[str]:
+    """The token shards' modality codes (manifest.json), which the chat examples' rows carry; [] before `fm shard`."""
+    path = paths.tokens / "shards" / "manifest.json"
+    if not path.is_file():
+        return []
+    try:
+        return json.loads(path.read_bytes())["codes"]["modality"]
+    except (ValueError, KeyError, TypeError) as e:  # cut short, overwritten, not UTF-8
+        raise ValueError(f"{path} holds no modality codes ({type(e).__name__}: {e}): it was cut short or "
+                         f"overwritten; rerun `fm shard`") from None
+
+
 def load_examples(path: Path, chat: ChatTemplate, domain_codes: list[str]) -> tuple[list[tuple], list[dict]]:
     """(ids, labels, domain) per row of an instruction table, and the rows themselves."""
     if not path.is_file():
@@ -151,8 +163,7 @@ def train_method(cfg: SftConfig, method: str, paths: Paths, d: Dist, fresh: bool
     row_len = seq_len - shared  # a prefix or soft prompt fills the first positions of every row
     if row_len < 8:
         raise ValueError(f"sft.{method}: {shared} virtual positions leave {row_len} of seq_len {seq_len} for the examples")
-    codes = json.loads((paths.tokens / "shards" / "manifest.json").read_text())["codes"]["modality"] \
-        if (paths.tokens / "shards" / "manifest.json").is_file() else []
+    codes = modality_codes(paths)
     examples, _ = load_examples(paths.instructions / "train.parquet", chat, codes)
     heldout, _ = load_examples(paths.instructions / "heldout.parquet", chat, codes)
     loader = PackedLoader(examples, row_len, cfg.batch_size, cfg.seed, d.dp_rank, d.dp_size, pad_id=SPECIAL_IDS["<|pad|>"])
@@ -309,8 +320,7 @@ def sft(cfg: SftConfig, paths: Paths, fresh: bool = False) -> dict:
     items = sample_items(heldout, cfg.mc_items, cfg.seed)
     base, tokenizer = load_pretrained(paths.models / "pretrain")
     chat = ChatTemplate(tokenizer)
-    codes = json.loads((paths.tokens / "shards" / "manifest.json").read_text())["codes"]["modality"] \
-        if (paths.tokens / "shards" / "manifest.json").is_file() else []
+    codes = modality_codes(paths)
     held_examples, _ = load_examples(paths.instructions / "heldout.parquet", chat, codes)
     shared = max([getattr(cfg, m).get("n_prefix", 0) + getattr(cfg, m).get("n_virtual", 0) for m in cfg.methods])
     row_len = (cfg.seq_len or base.cfg.seq_len) - shared  # rows every model takes
