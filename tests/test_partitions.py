@@ -68,3 +68,35 @@ def test_dask_runner_ingests_and_validates_the_same_tables_as_the_local_one(tmp_
     assert pq.read_table(mapped.validated / "quarantine.parquet").num_rows > pq.read_table(
         mapped.ingested / "quarantine.parquet").num_rows  # validate quarantined rows of its own
     assert not [p for p in mapped.workdir.iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_a_partition_that_fails_on_a_worker_leaves_the_last_validated_output(tmp_path, monkeypatch):
+    """The join path of the Dask runner, with the map run here: the third partition's task raises, so the stage
+    fails, its parts and temporary folder are gone, and the previous 03_validated stays as it was."""
+    import fm.data.partitions as partitions_module
+
+    raw, outside = tmp_path / "raw", tmp_path / "outside"
+    outside.mkdir()
+    make_bad_corpus(raw, outside)
+    paths = Paths(raw, tmp_path / "work")
+    ingest(IngestConfig(max_text_bytes=4096), paths)
+    cfg = ValidateConfig(min_pass_rate=0.0)
+    validate(cfg, paths)
+    before = digests(paths.validated)
+    monkeypatch.setattr(validate_module, "PARTITION_ROWS", 2)
+    monkeypatch.setattr(validate_module, "GX_BATCH_PARTITIONS", 1)
+    ran = []
+
+    def in_process(work, items, cfg, name):
+        def task(item):
+            ran.append(item)
+            if len(ran) == 3:
+                raise RuntimeError("worker lost")
+            return work(item)
+        return [task(item) for item in items]
+
+    monkeypatch.setattr(partitions_module, "map_partitions", in_process)
+    with pytest.raises(RuntimeError, match="worker lost"):
+        validate(cfg, paths, PartitionsConfig(runner="dask"))
+    assert len(ran) == 3 and digests(paths.validated) == before
+    assert not [p for p in paths.workdir.rglob("*") if p.name.startswith(".tmp-") or p.suffix == ".arrow"]

@@ -170,21 +170,19 @@ def id_keys(ids: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
     (hi, lo) that sort as the strings do: 16 bytes a row instead of a Python string, made without one."""
     if isinstance(ids, pa.ChunkedArray):
         ids = ids.combine_chunks()
-    try:
-        if ids.null_count:
-            raise pa.ArrowInvalid("null")
-        fixed = pc.cast(ids, pa.binary(32))
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-        fixed = None
-    digits = None
-    if fixed is not None and len(fixed):
-        raw = np.frombuffer(fixed.buffers()[1], np.uint8, count=32 * len(fixed), offset=32 * fixed.offset)
-        digits = _HEX_DIGIT[raw].reshape(-1, 32)
-    if fixed is None or (digits is not None and (digits == 255).any()):
+    digits = None  # (n, 32) the digits' values, or None when some id is null or not 32 bytes long
+    if not ids.null_count:
+        try:
+            fixed = pc.cast(ids, pa.binary(32))
+        except pa.ArrowInvalid:  # an id of another length
+            pass
+        else:
+            raw = np.frombuffer(fixed.buffers()[1], np.uint8, count=32 * len(fixed), offset=32 * fixed.offset) \
+                if len(fixed) else np.zeros(0, np.uint8)
+            digits = _HEX_DIGIT[raw].reshape(-1, 32)
+    if digits is None or (digits == 255).any():
         bad = next(v for v in ids.to_pylist() if not (isinstance(v, str) and _ID.fullmatch(v)))
         raise ValueError(f"id {bad!r} is not 32 lowercase hex digits (validate only passes content ids)")
-    if digits is None:
-        return np.zeros(0, np.uint64), np.zeros(0, np.uint64)
     packed = (digits[:, 0::2] << 4) | digits[:, 1::2]  # (n, 16) bytes, big-endian halves
     halves = packed.view(">u8").astype(np.uint64)  # (n, 2)
     return np.ascontiguousarray(halves[:, 0]), np.ascontiguousarray(halves[:, 1])

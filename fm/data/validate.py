@@ -18,6 +18,7 @@ validated output (and removes a stale one), and leaves the report of the failure
 
 from __future__ import annotations
 
+import itertools
 import logging
 import shutil
 import time
@@ -162,7 +163,8 @@ def merge_reports(total: list[dict], part: list[dict]) -> list[dict]:
 def partition_ranges(path: Path) -> list[tuple[int, int]]:
     """The row ranges [start, stop) of the ingested table at `path` (none if absent) that GX validates one at a time,
     in order: at most GX_BATCH_PARTITIONS x PARTITION_ROWS rows, fewer when the table's rows are large on average
-    (rows_per_batch: images), and about GX_BATCH_BYTES of text and ROW_BYTES a row (a larger row alone). From the table's n_bytes column, so the same on every runner and every run."""
+    (rows_per_batch: images), and about GX_BATCH_BYTES of text and ROW_BYTES a row (a larger row alone). From the
+    table's n_bytes column, so the same on every runner and every run."""
     if not path.exists():
         return []
     sizes = [np.maximum(batch["n_bytes"].fill_null(0).to_numpy(), 0) for batch in read_batches(path, ["n_bytes"], 1 << 16)]
@@ -183,20 +185,26 @@ def read_rows(path: Path, modality: str, start: int, stop: int) -> pa.Table:
     sliced: one partition (partition_ranges), read on its own; only its row groups are in memory."""
     file = pq.ParquetFile(path, pre_buffer=False)
     sizes = [file.metadata.row_group(i).num_rows for i in range(file.metadata.num_row_groups)]
-    firsts = [sum(sizes[:i]) for i in range(len(sizes))]
+    firsts = list(itertools.accumulate(sizes, initial=0))[:-1]
     groups = [i for i, (first, size) in enumerate(zip(firsts, sizes)) if first < stop and first + size > start]
     table = file.read_row_groups(groups).slice(start - firsts[groups[0]], stop - start)
     return table.cast(SCHEMAS[modality])
 
 
-def _check_partition(modality: str, table: pa.Table, failures: dict) -> tuple[pa.Table, list[dict]]:
-    """(the kept rows, the quarantine rows) of one validated partition."""
+def _validate_rows(batch_definition, suite, modality: str, src: Path, start: int, stop: int) -> tuple:
+    """Validate rows [start, stop) of a modality's ingested table -> (kept rows, quarantine rows, report, rows in).
+    The partition's GX objects are freed and their heap handed back before it returns."""
+    table = read_rows(src, modality, start, stop)
+    failures, report = validate_partition(batch_definition, suite, table)
     quarantined = [{
         "modality": modality, "source_file": table["source_file"][i].as_py(), "position": table["position"][i].as_py(),
         "stage": "validate", "reason": "; ".join(failures[i]), "id": table["id"][i].as_py(),
     } for i in sorted(failures)]  # fmt: skip
     kept = table.filter(pa.array([i not in failures for i in range(table.num_rows)], type=pa.bool_()))
-    return kept, quarantined
+    n_in = table.num_rows
+    del table, failures
+    release_memory()  # GX's many small objects, freed, would otherwise stay resident
+    return kept, quarantined, report, n_in
 
 
 _worker_suites: dict = {}  # in a Dask worker: the GX context, and (modality, settings) -> its suite, set up once
@@ -213,14 +221,9 @@ def validate_rows(job: tuple) -> dict:
         if "context" not in _worker_suites:
             _worker_suites["context"] = _context()
         _worker_suites[key] = prepare_suite(_worker_suites["context"], modality, cfg)
-    table = read_rows(Path(src), modality, start, stop)
-    failures, report = validate_partition(*_worker_suites[key], table)
-    kept, quarantined = _check_partition(modality, table, failures)
+    kept, quarantined, report, n_in = _validate_rows(*_worker_suites[key], modality, Path(src), start, stop)
     with atomic_path(part) as tmp, pa.ipc.new_file(tmp, kept.schema) as writer:
         writer.write_table(kept)
-    n_in = table.num_rows
-    del table, kept, failures
-    release_memory()
     return {"quarantined": quarantined, "report": report, "in": n_in}
 
 
@@ -255,15 +258,11 @@ def validate_modality(ctx, modality: str, cfg: ValidateConfig, src: Path, dst: P
             for start, stop in partition_ranges(src):
                 if suite is None:  # no GX setup for a modality with no rows
                     batch_definition, suite = prepare_suite(ctx, modality, cfg)
-                table = read_rows(src, modality, start, stop)
-                failures, part_report = validate_partition(batch_definition, suite, table)
-                report = merge_reports(report, part_report)
-                kept, rows = _check_partition(modality, table, failures)
-                quarantined += rows
+                kept, rows, part_report, part_in = _validate_rows(batch_definition, suite, modality, src, start, stop)
                 writer.write_table(kept)
-                n_in, n_kept = n_in + table.num_rows, n_kept + kept.num_rows
-                del table, kept, failures
-                release_memory()  # GX's many small objects, freed, would otherwise stay resident
+                report = merge_reports(report, part_report)
+                quarantined += rows
+                n_in, n_kept = n_in + part_in, n_kept + kept.num_rows
         for part, result in mapped or ():
             with pa.memory_map(str(part)) as source:
                 kept = pa.ipc.open_file(source).read_all()
